@@ -1,0 +1,91 @@
+"""The ``autonnunet`` command.
+
+Each concept module contributes its own verbs through an ``add_commands(subparsers)`` function, so
+the command line stays next to the code it drives. Those modules keep heavy imports (torch,
+nnunetv2, neps) inside functions, which keeps ``autonnunet --help`` fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+from . import __version__
+
+#: Modules that register verbs, in the order they appear in ``--help``.
+COMMAND_MODULES = (
+    "AutoNNUNetLib.dataset",      # dataset
+    "AutoNNUNetLib.fingerprint",  # fingerprint
+    "AutoNNUNetLib.trainer",      # train
+    "AutoNNUNetLib.model",        # export-model, import-model
+    "AutoNNUNetLib.inference",    # predict
+    "AutoNNUNetLib.demo",         # demo
+    "AutoNNUNetLib.search",       # search
+    "AutoNNUNetLib.report",       # report
+    "AutoNNUNetLib.server",       # serve, token
+    "AutoNNUNetLib.client",       # remote
+)
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autonnunet",
+        description="Find the best nnU-Net for your labeled volumes (nnU-Net + PriorBand search).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            # Only tolerate the module itself being absent (optional parts such as the server).
+            if error.name in (name, "fastapi", "uvicorn"):
+                continue
+            raise
+        add_commands = getattr(module, "add_commands", None)
+        if add_commands is not None:
+            add_commands(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler = getattr(args, "func", None)
+    if handler is None:
+        parser.print_help()
+        return 1
+    try:
+        result = handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # user-facing errors of the library carry their own message
+        if args.verbose or not _is_user_error(error):
+            raise
+        print(f"autonnunet {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+def _is_user_error(error: Exception) -> bool:
+    """Library errors meant for users (bad input, missing steps) print without a traceback."""
+    return isinstance(error, (CommandError, ValueError, FileNotFoundError, FileExistsError)) or type(
+        error
+    ).__name__.endswith("Error") and type(error).__module__.startswith("AutoNNUNetLib")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

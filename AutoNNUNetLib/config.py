@@ -1,0 +1,102 @@
+"""The trial configuration: every hyperparameter of the Auto-nnU-Net HPO, NAS and HNAS spaces.
+
+A :class:`TrialConfig` with no arguments is nnU-Net's own default, which is also the prior of every
+search space. The record is plain data (JSON round-trips through :meth:`to_dict` /
+:meth:`from_dict`) so it can travel between the search, the trainer subprocesses, the remote
+runner and the model record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+OPTIMIZERS = ("SGD", "Adam", "AdamW")
+LR_SCHEDULERS = ("PolyLR", "CosineAnnealing", "none")
+LOSSES = ("Dice", "Dice+CE", "CE", "TopK10")
+ENCODER_TYPES = ("conv", "residual")
+#: ``model_scale`` indexes this tuple: the multiplier of nnU-Net's blocks per stage.
+MODEL_SCALES = (0.5, 1.0, 1.5, 2.0)
+ACTIVATIONS = ("LeakyReLU", "ReLU", "ELU", "GELU", "PReLU")
+NORMALIZATIONS = ("InstanceNorm", "BatchNorm")
+
+
+class ConfigError(ValueError):
+    """A trial configuration holds a value outside its space."""
+
+
+@dataclass
+class TrialConfig:
+    """Hyperparameters and architecture of one nnU-Net training (defaults = nnU-Net's defaults)."""
+
+    # --- HPO ---
+    optimizer: str = "SGD"
+    momentum: float = 0.99  # SGD (Nesterov) only
+    initial_lr: float = 1e-2
+    lr_scheduler: str = "PolyLR"
+    weight_decay: float = 3e-5
+    oversample_foreground_percent: float = 0.33
+    loss: str = "Dice+CE"
+    aug_factor: float = 1.0  # multiplies every augmentation probability (capped at 1)
+    # --- NAS ---
+    encoder_type: str = "conv"
+    model_scale: int = 1  # index into MODEL_SCALES
+    base_num_features: int = 32
+    max_features: int = 320
+    activation: str = "LeakyReLU"
+    normalization: str = "InstanceNorm"
+    dropout_rate: float = 0.0
+    # --- hierarchical NAS; None means "what nnU-Net's planner chose" ---
+    n_stages: Optional[int] = None
+    blocks_per_stage_encoder: Optional[list[int]] = None
+    blocks_per_stage_decoder: Optional[list[int]] = None
+
+    def validate(self) -> "TrialConfig":
+        """Raise :class:`ConfigError` naming the first bad field; return self otherwise."""
+        checks = [
+            ("optimizer", self.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+            ("lr_scheduler", self.lr_scheduler in LR_SCHEDULERS, f"one of {LR_SCHEDULERS}"),
+            ("loss", self.loss in LOSSES, f"one of {LOSSES}"),
+            ("encoder_type", self.encoder_type in ENCODER_TYPES, f"one of {ENCODER_TYPES}"),
+            ("activation", self.activation in ACTIVATIONS, f"one of {ACTIVATIONS}"),
+            ("normalization", self.normalization in NORMALIZATIONS, f"one of {NORMALIZATIONS}"),
+            ("model_scale", 0 <= int(self.model_scale) < len(MODEL_SCALES), "an index 0-3"),
+            ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
+            ("initial_lr", 0.0 < self.initial_lr <= 1.0, "in (0, 1]"),
+            ("weight_decay", 0.0 <= self.weight_decay <= 1.0, "in [0, 1]"),
+            ("oversample_foreground_percent", 0.0 <= self.oversample_foreground_percent <= 1.0, "in [0, 1]"),
+            ("aug_factor", 0.0 <= self.aug_factor <= 10.0, "in [0, 10]"),
+            ("base_num_features", 1 <= self.base_num_features <= 1024, "in [1, 1024]"),
+            ("max_features", self.max_features >= self.base_num_features, ">= base_num_features"),
+            ("dropout_rate", 0.0 <= self.dropout_rate < 1.0, "in [0, 1)"),
+            ("n_stages", self.n_stages is None or self.n_stages >= 1, "None or >= 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"TrialConfig.{name} = {getattr(self, name)!r} is invalid: expected {expected}")
+        for name in ("blocks_per_stage_encoder", "blocks_per_stage_decoder"):
+            value = getattr(self, name)
+            if value is not None and (not value or any(int(b) < 1 for b in value)):
+                raise ConfigError(f"TrialConfig.{name} = {value!r} is invalid: expected positive block counts")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrialConfig":
+        """Build from a (possibly partial) dict; unknown keys are an error, missing keys take defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown TrialConfig fields: {', '.join(unknown)}")
+        config = cls(**values)
+        for name in ("blocks_per_stage_encoder", "blocks_per_stage_decoder"):
+            value = getattr(config, name)
+            if value is not None:
+                setattr(config, name, [int(b) for b in value])
+        return config.validate()
+
+    def replace(self, **changes: Any) -> "TrialConfig":
+        return dataclasses.replace(self, **changes).validate()
