@@ -1,0 +1,197 @@
+"""The configurable trainer: real nnU-Net training on the hippocampus cases (CPU, tiny budgets)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from AutoNNUNetLib.cli import main as cli_main
+from AutoNNUNetLib.config import ConfigError, TrialConfig
+from AutoNNUNetLib.network import build_network
+from AutoNNUNetLib.trainer import (
+    CHECKPOINT_KEY,
+    PolyLR,
+    TrainingError,
+    model_dir_name,
+    parse_folds,
+    scale_augmentation_probabilities,
+    train,
+)
+
+#: A small network keeps the resume test fast; resuming does not depend on the architecture.
+SMALL = TrialConfig(base_num_features=8, max_features=64)
+
+
+def _checkpoint(model_dir: Path, fold: int = 0) -> dict:
+    return torch.load(model_dir / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+
+
+def test_default_configuration_learns_both_hippocampus_classes(trained_result, trained_model):
+    # A short budget of nnU-Net's default must already segment both structures.
+    assert set(trained_result.dice_per_class) == {"Anterior", "Posterior"}
+    for name, dice in trained_result.dice_per_class.items():
+        assert dice > 0.3, f"{name} Dice {dice:.3f} after the short budget"
+    assert trained_result.mean_dice == pytest.approx(np.mean(list(trained_result.dice_per_class.values())))
+    fold = trained_result.folds[0]
+    assert fold.epochs == fold.epochs_trained == trained_result.epochs
+    assert fold.train_seconds > 0 and fold.validation_seconds > 0
+
+    # The model folder is stock nnU-Net: plans, dataset.json, stock trainer name in the checkpoint.
+    for name in ("plans.json", "dataset.json", "dataset_fingerprint.json", "autonnunet.json"):
+        assert (trained_model / name).is_file(), name
+    assert trained_model.name == model_dir_name()
+    checkpoint = _checkpoint(trained_model)
+    assert checkpoint["trainer_name"] == "nnUNetTrainer"
+    assert checkpoint["current_epoch"] == trained_result.epochs
+    record = json.loads((trained_model / "autonnunet.json").read_text())
+    assert record["mean_dice"] == pytest.approx(trained_result.mean_dice)
+    assert TrialConfig.from_dict(record["config"]) == TrialConfig()
+
+
+def test_plans_architecture_describes_the_trained_network(trained_model, hippo_workspace):
+    # Stock nnU-Net rebuilds the network from plans.json alone: its weights must fit exactly.
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    plans = json.loads((trained_model / "plans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                     1, 3, deep_supervision=False)
+    network.load_state_dict(_checkpoint(trained_model)["network_weights"])  # raises on any mismatch
+
+
+def test_resume_trains_only_the_missing_epochs_and_continues_the_schedule(hippo_workspace, tmp_path):
+    low = tmp_path / "rung12" / model_dir_name()
+    high = tmp_path / "rung37" / model_dir_name()
+    straight = tmp_path / "straight37" / model_dir_name()
+    budget = dict(folds=[0], max_epochs=37, iterations_per_epoch=1, device="cpu", seed=1, max_validation_cases=2)
+
+    first = train(hippo_workspace, SMALL, low, epochs=12, **budget)
+    resumed = train(hippo_workspace, SMALL, high, epochs=37, resume_from=low, **budget)
+    direct = train(hippo_workspace, SMALL, straight, epochs=37, **budget)
+
+    assert first.folds[0].epochs_trained == 12
+    assert resumed.folds[0].epochs_trained == 25
+    assert resumed.epochs == direct.epochs == 37
+    # Cumulative training time carries over from the lower rung.
+    assert resumed.train_seconds > first.train_seconds
+
+    resumed_ckpt, direct_ckpt = _checkpoint(high), _checkpoint(straight)
+    assert resumed_ckpt["current_epoch"] == direct_ckpt["current_epoch"] == 37
+    resumed_lrs = resumed_ckpt["logging"]["lrs"]
+    direct_lrs = direct_ckpt["logging"]["lrs"]
+    assert len(resumed_lrs) == len(direct_lrs) == 37
+    np.testing.assert_allclose(resumed_lrs, direct_lrs, rtol=1e-12)
+    # The schedule runs against max_epochs (37), not against the rung's 12 epochs.
+    expected = [PolyLR(None, 1e-2, 37).lr_at(e) for e in range(37)]
+    np.testing.assert_allclose(direct_lrs, expected, rtol=1e-12)
+    assert resumed_ckpt[CHECKPOINT_KEY]["max_epochs"] == 37
+
+
+def test_resume_refuses_another_schedule_or_configuration(hippo_workspace, tmp_path):
+    low = tmp_path / "low" / model_dir_name()
+    train(hippo_workspace, SMALL, low, epochs=1, max_epochs=3, iterations_per_epoch=1, device="cpu",
+          max_validation_cases=1)
+    with pytest.raises(TrainingError, match="3-epoch schedule"):
+        train(hippo_workspace, SMALL, tmp_path / "a", epochs=5, max_epochs=5, iterations_per_epoch=1,
+              resume_from=low, device="cpu")
+    with pytest.raises(TrainingError, match="another configuration"):
+        train(hippo_workspace, SMALL.replace(initial_lr=0.05), tmp_path / "b", epochs=2, max_epochs=3,
+              iterations_per_epoch=1, resume_from=low, device="cpu")
+    with pytest.raises(TrainingError, match="does not exist"):
+        train(hippo_workspace, SMALL, tmp_path / "c", epochs=2, max_epochs=3, iterations_per_epoch=1,
+              resume_from=tmp_path / "nowhere", device="cpu")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrialConfig(optimizer="Adam", lr_scheduler="CosineAnnealing", loss="TopK10", initial_lr=1e-3,
+                    base_num_features=8, max_features=64),
+        TrialConfig(optimizer="AdamW", lr_scheduler="none", loss="CE", encoder_type="residual", model_scale=0,
+                    activation="GELU", normalization="BatchNorm", dropout_rate=0.2, base_num_features=8,
+                    max_features=64, aug_factor=2.0),
+        TrialConfig(loss="Dice", activation="PReLU", n_stages=2, blocks_per_stage_encoder=[1, 1],
+                    blocks_per_stage_decoder=[1], base_num_features=8, aug_factor=0.0),
+    ],
+    ids=["adam-cosine-topk", "adamw-residual-bn-gelu-dropout", "hnas-two-stages-dice"],
+)
+def test_searched_configurations_train_and_stay_stock_loadable(hippo_workspace, tmp_path, config):
+    model_dir = tmp_path / model_dir_name()
+    result = train(hippo_workspace, config, model_dir, epochs=1, max_epochs=10, iterations_per_epoch=2,
+                   device="cpu", seed=0, max_validation_cases=1)
+    assert math.isfinite(result.folds[0].final_loss)
+    assert 0.0 <= result.mean_dice <= 1.0 or math.isnan(result.mean_dice)
+    plans = json.loads((model_dir / "plans.json").read_text())
+    dataset_json = json.loads((model_dir / "dataset.json").read_text())
+    network = build_network(plans, dataset_json, TrialConfig(), deep_supervision=False)  # plans rule, not config
+    expected_class = "ResidualEncoderUNet" if config.encoder_type == "residual" else "PlainConvUNet"
+    assert type(network).__name__ == expected_class
+    network.load_state_dict(_checkpoint(model_dir)["network_weights"])
+    kwargs = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert kwargs["features_per_stage"][0] == config.base_num_features
+    if config.n_stages is not None:
+        assert kwargs["n_stages"] == config.n_stages
+
+
+def test_augmentation_factor_scales_every_probability():
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    def pipeline():
+        return nnUNetTrainer.get_training_transforms(
+            (40, 56, 40), ((-0.5, 0.5),) * 3, None, (0, 1, 2), False, foreground_labels=[1, 2])
+
+    def probabilities(transform) -> list[float]:
+        found, stack = [], [transform]
+        while stack:
+            node = stack.pop()
+            for name, value in vars(node).items():
+                if name == "apply_probability" or name.startswith("p_"):
+                    if isinstance(value, float):
+                        found.append(value)
+                elif isinstance(value, list):
+                    stack.extend(v for v in value if hasattr(v, "__dict__"))
+                elif hasattr(value, "__dict__") and type(value).__module__.startswith("batchgeneratorsv2"):
+                    stack.append(value)
+        return sorted(found)
+
+    base = probabilities(pipeline())
+    doubled = pipeline()
+    assert scale_augmentation_probabilities(doubled, 2.0) >= 10
+    assert probabilities(doubled) == sorted(min(1.0, 2 * p) for p in base)
+    off = pipeline()
+    scale_augmentation_probabilities(off, 0.0)
+    assert all(p == 0.0 for p in probabilities(off))
+
+
+def test_bad_budgets_and_configs_are_rejected(hippo_workspace, tmp_path):
+    with pytest.raises(TrainingError, match="epochs must be in"):
+        train(hippo_workspace, TrialConfig(), tmp_path, epochs=5, max_epochs=3)
+    with pytest.raises(TrainingError, match="iterations_per_epoch"):
+        train(hippo_workspace, TrialConfig(), tmp_path, epochs=1, iterations_per_epoch=0)
+    with pytest.raises(ConfigError, match="optimizer"):
+        TrialConfig(optimizer="RMSprop").validate()
+    with pytest.raises(ConfigError, match="unknown TrialConfig fields: lr"):
+        TrialConfig.from_dict({"lr": 0.1})
+    assert parse_folds(["all"]) == [0, 1, 2, 3, 4]
+    with pytest.raises(TrainingError):
+        parse_folds(["x"])
+
+
+def test_train_command_writes_a_model_and_events(hippo_workspace, tmp_path, capsys):
+    output = tmp_path / model_dir_name()
+    events = tmp_path / "events.jsonl"
+    code = cli_main(["train", "--workdir", str(hippo_workspace.root), "--epochs", "2", "--max-epochs", "4",
+                     "--iterations-per-epoch", "1", "--config", json.dumps({"base_num_features": 8}),
+                     "--output", str(output), "--events", str(events), "--device", "cpu",
+                     "--max-validation-cases", "1"])
+    assert code == 0
+    assert (output / "fold_0" / "checkpoint_final.pth").is_file()
+    kinds = [json.loads(line)["kind"] for line in events.read_text().splitlines()]
+    assert kinds.count("epoch") == 2 and kinds[-1] == "finished"
+    assert "validation Dice" in capsys.readouterr().out
+    assert cli_main(["train", "--workdir", str(hippo_workspace.root), "--epochs", "1", "--config", "{bad"]) == 2
