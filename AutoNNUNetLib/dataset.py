@@ -31,14 +31,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -645,6 +648,53 @@ def _check_geometry_values(geometry: Geometry) -> None:
         raise DatasetError(f"direction {_fmt(geometry.direction)} is not orthonormal")
 
 
+def _check_nifti_complete(path: Path) -> None:
+    """Raise when a NIfTI file holds less voxel data than its header promises.
+
+    ITK zero-fills a truncated ``.nii.gz`` without any error (an interrupted copy or download then
+    trains on black voxels), so the stream is decompressed and its length checked here.
+    """
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return
+    opener = gzip.open if name.endswith(".gz") else open
+    length, head = 0, b""
+    try:
+        with opener(path, "rb") as handle:
+            while True:
+                chunk = handle.read(1 << 22)
+                if not chunk:
+                    break
+                if len(head) < 540:
+                    head += chunk[: 540 - len(head)]
+                length += len(chunk)
+    except (EOFError, OSError, zlib.error) as error:
+        raise DatasetError(f"{path} is truncated or corrupt ({error})") from None
+    expected = _nifti_expected_length(head)
+    if expected is not None and length < expected:
+        raise DatasetError(f"{path} is truncated: {length} bytes of data, the header needs {expected}")
+
+
+def _nifti_expected_length(head: bytes) -> Optional[int]:
+    """vox_offset + voxels * bytes per voxel from a NIfTI-1 or NIfTI-2 header (None if not parseable)."""
+    for order in ("<", ">"):
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", head[40:56])
+            bitpix = struct.unpack(order + "h", head[72:74])[0]
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+            break
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
+            bitpix = struct.unpack(order + "h", head[14:16])[0]
+            dims = struct.unpack(order + "8q", head[16:80])
+            offset = struct.unpack(order + "q", head[168:176])[0]
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7:
+        return None
+    return offset + int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]])) * bitpix // 8
+
+
 def _spec_header(spec: Union[ChannelSpec, LabelSpec]) -> _Header:
     if isinstance(spec, Volume):
         return _volume_header(spec)
@@ -720,6 +770,10 @@ class _CasePlan:
     dimension: int
     label_values: list[float] = field(default_factory=list)
     value_map: dict[float, int] = field(default_factory=dict)   # own label value -> class value
+
+
+def _size(size: Sequence[int]) -> str:
+    return "x".join(str(n) for n in size)
 
 
 def _describe(spec: Union[ChannelSpec, LabelSpec]) -> str:
@@ -806,7 +860,7 @@ def _validate_case(case: Case, n_channels: int, classes: Optional[dict[str, int]
 
     def compare(what: str, header: _Header) -> None:
         if header.size != ref_size:
-            problem(f"{what} size {header.size} differs from channel 0's {ref_size}")
+            problem(f"{what} size {_size(header.size)} differs from channel 0's {_size(ref_size)} (x, y, z voxels)")
             return
         differences = header.geometry.differences(reference, tol)
         if differences:
@@ -823,6 +877,9 @@ def _validate_case(case: Case, n_channels: int, classes: Optional[dict[str, int]
     # 2. Voxels, one file at a time: NaN/Inf in images (only float types can hold them).
     cache = _FileCache()
     try:
+        files = [s.path if isinstance(s, ChannelFile) else s for s in (*case.channels, case.label) if not isinstance(s, Volume)]
+        for path in dict.fromkeys(files):
+            _check_nifti_complete(Path(path))
         for i, (spec, header) in enumerate(zip(case.channels, headers)):
             assert header is not None
             if not header.is_float:
