@@ -71,6 +71,8 @@ KNOWN_ENDINGS = (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".tif", ".
 #: nnU-Net case ids become file names; keep them to characters that are safe everywhere.
 CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
+EMPTY_LABEL = "label map is empty (only background); every case needs some foreground"
+
 #: At most this many problems are spelled out in a DatasetError message (all are in ``.problems``).
 MAX_LISTED_PROBLEMS = 40
 
@@ -413,7 +415,11 @@ def source_from_msd(folder: PathLike) -> DatasetSource:
             raise DatasetError(f"{folder / 'dataset.json'}: bad 'training' entry {entry!r}") from None
         cases.append(Case(_strip_ending(label.name), expand_channels([image]), label))
     return DatasetSource(
-        cases, classes, channel_names, name=str(meta.get("name") or folder.name), description=str(meta.get("description", ""))
+        cases,
+        classes,
+        channel_names,
+        name=str(meta.get("name") or folder.name),
+        description=str(meta.get("description", "")),
     )
 
 
@@ -445,7 +451,8 @@ def source_from_nnunet_raw(folder: PathLike) -> DatasetSource:
             images = [folder / p for p in entry.get("images", [])]
             cases.append(Case(case_id, list(images), folder / entry.get("label", f"labelsTr/{case_id}{ending}")))
     else:
-        label_ids = {p.name[: -len(ending)] for p in (folder / "labelsTr").glob(f"*{ending}") if not p.name.startswith(".")}
+        label_files = (folder / "labelsTr").glob(f"*{ending}")
+        label_ids = {p.name[: -len(ending)] for p in label_files if not p.name.startswith(".")}
         image_re = re.compile(r"^(.*)_(\d{4})" + re.escape(ending) + "$")
         image_ids = {m.group(1) for p in (folder / "imagesTr").glob(f"*{ending}") if (m := image_re.match(p.name))}
         for case_id in sorted(label_ids | image_ids):
@@ -795,18 +802,25 @@ def _check_class_table(classes: Mapping[str, int]) -> list[Problem]:
     expected = list(range(len(set(values))))
     if sorted(set(values)) != expected:
         problems.append(
-            Problem(None, f"class values must be consecutive 0..{len(expected) - 1} (nnU-Net's rule), got {sorted(set(values))}")
+            Problem(
+                None,
+                f"class values must be consecutive 0..{len(expected) - 1} (nnU-Net's rule), got {sorted(set(values))}",
+            )
         )
     return problems
 
 
 def _classes_from_names(cases: Sequence[Case]) -> dict[str, int]:
+    """Background, then each segment name in order of first appearance ("Liver" and "liver" are one)."""
     classes = {"background": 0}
+    folded = {"background"}
     for case in cases:
         for value, name in sorted((case.label_names or {}).items()):
-            if value == 0 or name.lower() == "background":
+            key = name.strip().lower()
+            if value == 0 or key in folded:
                 continue
-            classes.setdefault(name, len(classes))
+            folded.add(key)
+            classes[name] = len(classes)
     return classes
 
 
@@ -818,7 +832,9 @@ def _match_name(name: str, classes: Mapping[str, int]) -> Optional[int]:
     return folded.get(name.strip().lower())
 
 
-def _validate_case(case: Case, n_channels: int, classes: Optional[dict[str, int]], tol: float) -> tuple[Optional[_CasePlan], list[Problem]]:
+def _validate_case(
+    case: Case, n_channels: int, classes: Optional[dict[str, int]], tol: float
+) -> tuple[Optional[_CasePlan], list[Problem]]:
     """Check one case, reading it once and dropping the voxels before returning."""
     problems: list[Problem] = []
 
@@ -877,7 +893,8 @@ def _validate_case(case: Case, n_channels: int, classes: Optional[dict[str, int]
     # 2. Voxels, one file at a time: NaN/Inf in images (only float types can hold them).
     cache = _FileCache()
     try:
-        files = [s.path if isinstance(s, ChannelFile) else s for s in (*case.channels, case.label) if not isinstance(s, Volume)]
+        specs = (*case.channels, case.label)
+        files = [s.path if isinstance(s, ChannelFile) else s for s in specs if not isinstance(s, Volume)]
         for path in dict.fromkeys(files):
             _check_nifti_complete(Path(path))
         for i, (spec, header) in enumerate(zip(case.channels, headers)):
@@ -909,7 +926,7 @@ def _validate_case(case: Case, n_channels: int, classes: Optional[dict[str, int]
         plan.value_map = _map_values(case, values, classes, problem)
         foreground = {c for c in plan.value_map.values() if c != 0 and c != classes.get("ignore", -1)}
         if not foreground:
-            problem("label map is empty (only background); every case needs some foreground")
+            problem(EMPTY_LABEL)
     return (None if problems else plan), problems
 
 
@@ -936,7 +953,9 @@ def _check_label_values(values: np.ndarray, problem: Callable[[str], None]) -> l
     return [int(v) for v in values]
 
 
-def _map_values(case: Case, values: Sequence[int], classes: Mapping[str, int], problem: Callable[[str], None]) -> dict[float, int]:
+def _map_values(
+    case: Case, values: Sequence[int], classes: Mapping[str, int], problem: Callable[[str], None]
+) -> dict[float, int]:
     """Own label value -> class value, through ``label_names`` when the case has them."""
     table = ", ".join(f"{n}={v}" for n, v in sorted(classes.items(), key=lambda kv: kv[1]))
     mapping: dict[float, int] = {}
@@ -981,14 +1000,16 @@ def _validate(source: DatasetSource, tol: float, progress: Optional[ProgressCall
     ids = [c.case_id for c in cases]
     if len(cases) < 2:
         which = f" ({', '.join(ids)})" if ids else ""
-        problems.append(Problem(ids[0] if len(ids) == 1 else None, f"only {len(cases)} case(s){which}; nnU-Net needs at least 2"))
+        message = f"only {len(cases)} case(s){which}; nnU-Net needs at least 2"
+        problems.append(Problem(ids[0] if len(ids) == 1 else None, message))
     seen: set[str] = set()
     for case_id in ids:
         if case_id in seen:
             problems.append(Problem(case_id, f"duplicate case id (appears {ids.count(case_id)} times)"))
         seen.add(case_id)
         if not CASE_ID_RE.match(case_id):
-            problems.append(Problem(case_id, "invalid case id: use letters, digits, '_', '-', '.' and start with a letter or digit"))
+            message = "invalid case id: use letters, digits, '_', '-', '.' and start with a letter or digit"
+            problems.append(Problem(case_id, message))
     problems = list(dict.fromkeys(problems))  # one "duplicate" line per id
 
     n_channels = len(source.channel_names) if source.channel_names else (len(cases[0].channels) if cases else 1)
@@ -1020,7 +1041,8 @@ def _validate(source: DatasetSource, tol: float, progress: Optional[ProgressCall
             if dimension is None:
                 dimension = (plan.dimension, case.case_id)
             elif plan.dimension != dimension[0]:
-                problems.append(Problem(case.case_id, f"is {plan.dimension}D but case {dimension[1]} is {dimension[0]}D"))
+                message = f"is {plan.dimension}D but case {dimension[1]} is {dimension[0]}D"
+                problems.append(Problem(case.case_id, message))
             plans.append(plan)
         _emit(progress, share * (index + 1) / max(len(cases), 1), f"checked {case.case_id}")
 
@@ -1034,7 +1056,7 @@ def _validate(source: DatasetSource, tol: float, progress: Optional[ProgressCall
         for plan in plans:
             plan.value_map = {v: (0 if v == 0 else classes[f"label_{v}"]) for v in plan.label_values}
             if not any(plan.value_map.values()):
-                problems.append(Problem(plan.case.case_id, "label map is empty (only background); every case needs some foreground"))
+                problems.append(Problem(plan.case.case_id, EMPTY_LABEL))
     if problems:
         raise DatasetError(problems)
     assert classes is not None
@@ -1074,7 +1096,8 @@ def _write_case(plan: _CasePlan, images_dir: Path, labels_dir: Path, dtype: np.d
     cache = _FileCache()
     for i, (spec, header) in enumerate(zip(case.channels, plan.headers)):
         target = images_dir / f"{case.case_id}_{i:04d}{FILE_ENDING}"
-        if isinstance(spec, Path) and header.plain and spec.name.lower().endswith(FILE_ENDING) and header.geometry == plan.reference:
+        same_file_kind = isinstance(spec, Path) and header.plain and spec.name.lower().endswith(FILE_ENDING)
+        if same_file_kind and header.geometry == plan.reference:
             # Already what nnU-Net wants: copy the bytes, the most faithful (and fastest) "write".
             shutil.copyfile(spec, target)
             continue
@@ -1177,7 +1200,7 @@ def build_dataset(
         shutil.rmtree(temp, ignore_errors=True)
         raise
     if (workspace.preprocessed / folder_name).exists():
-        logger.warning("%s was rebuilt: its preprocessed data is stale until the fingerprint step runs again", folder_name)
+        logger.warning("%s was rebuilt: its preprocessed data is stale until fingerprinting runs again", folder_name)
     workspace.dataset_name = folder_name
     _emit(progress, 1.0, f"dataset {folder_name} ready ({len(validated.plans)} cases)")
     return target
@@ -1217,7 +1240,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="CSV with rows case_id,label,image[,image2,...] (paths relative to the CSV)",
     )
     parser.add_argument("--classes", metavar="TABLE", help='class table, e.g. "background=0,liver=1,tumor=2"')
-    parser.add_argument("--channel-names", metavar="NAMES", help='channel names, e.g. "T1,T2" ("CT" selects CT normalisation)')
+    parser.add_argument(
+        "--channel-names", metavar="NAMES", help='channel names, e.g. "T1,T2" ("CT" selects CT normalisation)'
+    )
     parser.add_argument("--workdir", required=True, type=Path, help="workspace folder")
     parser.add_argument("--id", dest="dataset_id", type=int, default=1, help="nnU-Net dataset number (default 1)")
     parser.add_argument("--name", help="dataset name (default: the source's own name, else AutoNNUNet)")

@@ -84,6 +84,10 @@ def hippo_subset(hippo: Path, tmp_path: Path) -> Path:
     return folder
 
 
+def write_image(array: np.ndarray, path: Path, geometry: Geometry = OBLIQUE) -> None:
+    sitk.WriteImage(geometry.apply_to(sitk.GetImageFromArray(array)), str(path))
+
+
 def read(path: Path) -> sitk.Image:
     return sitk.ReadImage(str(path))
 
@@ -183,7 +187,8 @@ def test_msd_subset_geometry_values_and_dtypes(hippo_subset: Path, tmp_path: Pat
         image_types.add(out_image.GetPixelIDTypeAsString())
         np.testing.assert_array_equal(sitk.GetArrayViewFromImage(out_image), sitk.GetArrayViewFromImage(src_image))
         assert out_label.GetPixelID() == sitk.sitkUInt8
-        np.testing.assert_array_equal(sitk.GetArrayFromImage(out_label), sitk.GetArrayFromImage(src_label).astype(np.uint8))
+        expected = sitk.GetArrayFromImage(src_label).astype(np.uint8)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(out_label), expected)
         assert set(np.unique(sitk.GetArrayViewFromImage(out_label))) == {0, 1, 2}
     assert image_types == {"8-bit unsigned integer", "32-bit float"}  # the subset has both kinds
     assert read(hippo_subset / "labelsTr" / f"{FLOAT_LABEL_CASE}.nii.gz").GetPixelID() == sitk.sitkFloat32
@@ -233,11 +238,16 @@ def _write_4d_msd(folder: Path, n_cases: int = 3) -> list[tuple[np.ndarray, np.n
         series = sitk.JoinSeries(images)  # 4D with the channel as 4th axis
         sitk.WriteImage(series, str(folder / "imagesTr" / f"brain_{k}.nii.gz"))
         label = label_array(k)
-        sitk.WriteImage(OBLIQUE.apply_to(sitk.GetImageFromArray(label.astype(np.float32))), str(folder / "labelsTr" / f"brain_{k}.nii.gz"))
+        write_image(label.astype(np.float32), folder / "labelsTr" / f"brain_{k}.nii.gz")
         truth.append((np.stack(channels), label))
         training.append({"image": f"./imagesTr/brain_{k}.nii.gz", "label": f"./labelsTr/brain_{k}.nii.gz"})
-    meta = {"name": "Brain", "modality": {"0": "FLAIR", "1": "T1w"}, "labels": {"0": "background", "1": "edema", "2": "tumour"},
-            "numTraining": n_cases, "training": training}
+    meta = {
+        "name": "Brain",
+        "modality": {"0": "FLAIR", "1": "T1w"},
+        "labels": {"0": "background", "1": "edema", "2": "tumour"},
+        "numTraining": n_cases,
+        "training": training,
+    }
     (folder / "dataset.json").write_text(json.dumps(meta))
     return truth
 
@@ -273,9 +283,9 @@ def test_nnunet_raw_source_with_mha_and_two_channels(tmp_path: Path) -> None:
         case_id = f"organ_{k:02d}"
         channels = [image_array(k * 10 + c, dtype=np.int16) for c in range(2)]
         for c, array in enumerate(channels):
-            sitk.WriteImage(OBLIQUE.apply_to(sitk.GetImageFromArray(array)), str(raw / "imagesTr" / f"{case_id}_{c:04d}.mha"))
+            write_image(array, raw / "imagesTr" / f"{case_id}_{c:04d}.mha")
         label = label_array(k).astype(np.int32)  # stored wider than needed
-        sitk.WriteImage(OBLIQUE.apply_to(sitk.GetImageFromArray(label)), str(raw / "labelsTr" / f"{case_id}.mha"))
+        write_image(label, raw / "labelsTr" / f"{case_id}.mha")
         truth[case_id] = (channels, label)
     meta = {"channel_names": {"0": "CT", "1": "PET"}, "labels": CLASSES, "numTraining": 3, "file_ending": ".mha"}
     (raw / "dataset.json").write_text(json.dumps(meta))
@@ -310,10 +320,10 @@ def _write_pairs(folder: Path, n: int = 3, label_values=(1, 2)) -> list[tuple[st
         case_dir = folder / f"patient{k:02d}"
         case_dir.mkdir(parents=True)
         t1, t2 = case_dir / "t1.nrrd", case_dir / "t2.mha"
-        sitk.WriteImage(OBLIQUE.apply_to(sitk.GetImageFromArray(image_array(k, np.float64))), str(t1))
-        sitk.WriteImage(OBLIQUE.apply_to(sitk.GetImageFromArray(image_array(k + 50, np.uint16))), str(t2))
+        write_image(image_array(k, np.float64), t1)
+        write_image(image_array(k + 50, np.uint16), t2)
         label = case_dir / "seg.nrrd"
-        sitk.WriteImage(OBLIQUE.apply_to(sitk.GetImageFromArray(label_array(k, label_values).astype(np.int16))), str(label))
+        write_image(label_array(k, label_values).astype(np.int16), label)
         rows.append((f"patient{k:02d}", [t1, t2], label))
     return rows
 
@@ -454,7 +464,8 @@ def _bad(kind: str) -> tuple[list[Case], int, str, list[str]]:
         case = Case("bad", [Volume(image_array(0), OBLIQUE)], Volume(np.ones((6, 10, 9), np.uint8), OBLIQUE))
         return [*good, case], 1, "bad", ["label", "size 9x10x6", "channel 0's 8x10x6"]
     if kind == "label spacing":
-        return [*good, volume_case("bad", label_geometry=spaced)], 1, "bad", ["label", "spacing (0.8, 1.2, 3)", "(0.8, 1.2, 2.5)"]
+        phrases = ["label", "spacing (0.8, 1.2, 3)", "(0.8, 1.2, 2.5)"]
+        return [*good, volume_case("bad", label_geometry=spaced)], 1, "bad", phrases
     if kind == "label origin":
         return [*good, volume_case("bad", label_geometry=shifted)], 1, "bad", ["label", "origin (-9.5, 40.25, 7)"]
     if kind == "label direction":
@@ -470,7 +481,8 @@ def _bad(kind: str) -> tuple[list[Case], int, str, list[str]]:
     if kind == "unknown label value":
         label = label_array(0)
         label[0, 0, 0] = 3
-        return [*good, volume_case("bad", label=label)], 1, "bad", ["label values [3] not in the class table", "liver=1"]
+        phrases = ["label values [3] not in the class table", "liver=1"]
+        return [*good, volume_case("bad", label=label)], 1, "bad", phrases
     if kind == "non-integral label":
         label = label_array(0).astype(np.float32)
         label[0, 0, 0] = 1.5
@@ -497,7 +509,8 @@ def _bad(kind: str) -> tuple[list[Case], int, str, list[str]]:
         case = Case("bad", [Volume(image_array(0)[0], flat)], Volume(label_array(0)[1], flat))
         return [*good, case], 1, "bad", ["is 2D but case good1 is 3D"]
     if kind == "4D array":
-        case = Case("bad", [Volume(np.zeros((2, *SHAPE), np.float32), Geometry.identity(4))], Volume(label_array(0), OBLIQUE))
+        four_d = Volume(np.zeros((2, *SHAPE), np.float32), Geometry.identity(4))
+        case = Case("bad", [four_d], Volume(label_array(0), OBLIQUE))
         return [*good, case], 1, "bad", ["channel 0", "4 dimensions"]
     if kind == "sheared direction":
         sheared = Geometry(OBLIQUE.spacing, OBLIQUE.origin, (1, 0.5, 0, 0, 1, 0, 0, 0, 1))
@@ -557,7 +570,7 @@ def test_unreadable_and_missing_files_are_reported_together(tmp_path: Path) -> N
     message = str(info.value)
     first_line, *lines = message.splitlines()
     assert first_line == "4 problems in 4 cases; nothing was written:"
-    assert any("case file4:" in line and "img4.nii is truncated" in line and "the header needs" in line for line in lines), message
+    assert any("case file4:" in line and "img4.nii is truncated" in line and "header needs" in line for line in lines)
     assert any("case file1: channel 0: cannot read" in line and "img1.nii.gz" in line for line in lines), message
     assert any("case file2: label: file not found" in line and "lab2.nii.gz" in line for line in lines), message
     # ITK itself zero-fills a truncated .nii.gz silently; it must still be caught.
@@ -570,7 +583,8 @@ def test_unreadable_and_missing_files_are_reported_together(tmp_path: Path) -> N
 def test_plain_path_to_a_multichannel_file_is_rejected(tmp_path: Path) -> None:
     truth = _write_4d_msd(tmp_path / "Task")
     assert truth
-    cases = [Case(f"b{k}", [tmp_path / f"Task/imagesTr/brain_{k}.nii.gz"], tmp_path / f"Task/labelsTr/brain_{k}.nii.gz") for k in range(2)]
+    task = tmp_path / "Task"
+    cases = [Case(f"b{k}", [task / f"imagesTr/brain_{k}.nii.gz"], task / f"labelsTr/brain_{k}.nii.gz") for k in range(2)]
     with pytest.raises(DatasetError, match=r"case b0: channel 0: .*holds 2 channels"):
         build_dataset(DatasetSource(cases, {"background": 0, "a": 1, "b": 2}), tmp_path / "ws", name="Test")
     assert_nothing_written(tmp_path / "ws")
@@ -579,7 +593,8 @@ def test_plain_path_to_a_multichannel_file_is_rejected(tmp_path: Path) -> None:
 def test_class_table_must_suit_nnunet(tmp_path: Path) -> None:
     cases = [volume_case("a", 0), volume_case("b", 1)]
     with pytest.raises(DatasetError, match=r"consecutive 0\.\.2"):
-        build_dataset(volume_source(cases, classes={"background": 0, "liver": 1, "spleen": 3}), tmp_path / "ws", name="Test")
+        gap = {"background": 0, "liver": 1, "spleen": 3}
+        build_dataset(volume_source(cases, classes=gap), tmp_path / "ws", name="Test")
     with pytest.raises(DatasetError, match="no background"):
         build_dataset(volume_source(cases, classes={"liver": 1, "spleen": 2}), tmp_path / "ws", name="Test")
     assert_nothing_written(tmp_path / "ws")
@@ -598,7 +613,8 @@ def test_existing_dataset_is_never_destroyed(tmp_path: Path, monkeypatch: pytest
     bad_label = label_array(0)
     bad_label[0, 0, 0] = 9
     with pytest.raises(DatasetError, match="case broken: label values \\[9\\]"):
-        build_dataset(volume_source([*good, volume_case("broken", label=bad_label)]), workspace, name="Keep", overwrite=True)
+        bad_source = volume_source([*good, volume_case("broken", label=bad_label)])
+        build_dataset(bad_source, workspace, name="Keep", overwrite=True)
     assert snapshot(folder) == before
     # overwrite=True and a failure while writing (disk full, file gone): the old dataset stays.
     real_write = ds._write_case
@@ -618,7 +634,8 @@ def test_existing_dataset_is_never_destroyed(tmp_path: Path, monkeypatch: pytest
     assert [p.name for p in (workspace / "nnUNet_raw").iterdir()] == ["Dataset001_Keep"]
 
     # overwrite=True with valid input replaces the dataset completely.
-    folder = build_dataset(volume_source([volume_case("x", 5), volume_case("y", 6)]), workspace, name="Keep", overwrite=True)
+    new_source = volume_source([volume_case("x", 5), volume_case("y", 6)])
+    folder = build_dataset(new_source, workspace, name="Keep", overwrite=True)
     assert sorted(p.name for p in (folder / "labelsTr").iterdir()) == ["x.nii.gz", "y.nii.gz"]
     assert [p.name for p in (workspace / "nnUNet_raw").iterdir()] == ["Dataset001_Keep"]
 
@@ -685,12 +702,15 @@ def test_cli_dataset_from_msd_folder(hippo_subset: Path, tmp_path: Path, capsys:
     assert cli.main(["dataset", str(hippo_subset), "--workdir", str(workdir), "--id", "5"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert snapshot(folder) == before
-    assert cli.main(["dataset", str(hippo_subset), "--workdir", str(workdir), "--id", "5", "--name", "Hippocampus", "--overwrite"]) == 0
+    argv = ["dataset", str(hippo_subset), "--workdir", str(workdir), "--id", "5", "--name", "Hippocampus", "--overwrite"]
+    assert cli.main(argv) == 0
+    assert snapshot(folder).keys() == before.keys()
 
 
 def test_cli_dataset_from_pairs_csv(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rows = _write_pairs(tmp_path / "in")
-    lines = ["case_id,label,image,image2"] + [f"{cid},{label.relative_to(tmp_path)},{a.relative_to(tmp_path)},{b}" for cid, (a, b), label in rows]
+    lines = ["case_id,label,image,image2"]  # relative paths (to the CSV) and one absolute
+    lines += [f"{cid},{label.relative_to(tmp_path)},{a.relative_to(tmp_path)},{b}" for cid, (a, b), label in rows]
     (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
     workdir = tmp_path / "ws"
     argv = ["dataset", "--pairs-csv", str(tmp_path / "pairs.csv"), "--workdir", str(workdir),
