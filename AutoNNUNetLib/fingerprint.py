@@ -14,9 +14,10 @@ wants to check before spending GPU hours (spacing, image size, intensities, clas
 nnU-Net user wants to see (patch, batch, network).
 
 Axis order: every spatial tuple of the summary (spacing, shapes, patch size) is given in image
-``(x, y, z)`` order, the order SimpleITK's ``GetSpacing``/``GetSize`` and Slicer's IJK use. nnU-Net
-stores these in array order, possibly transposed by the plans' ``transpose_forward``; the
-summary undoes both so that numbers can be compared with what a viewer shows.
+``(x, y, z)`` order (``(x, y)`` for 2D images), the order SimpleITK's ``GetSpacing``/``GetSize``
+and Slicer's IJK use. nnU-Net stores these in array order, possibly transposed by the plans'
+``transpose_forward``; the summary undoes both so that numbers can be compared with what a viewer
+shows.
 
 Example::
 
@@ -98,7 +99,7 @@ class FingerprintSummary:
     configuration: str
     #: Spacing the configuration resamples to, in mm.
     target_spacing: tuple[float, ...]
-    #: Training patch size in voxels; for a 2D configuration the slice axis reads 1.
+    #: Training patch size in voxels; for a 2D configuration on 3D data the slice axis reads 1.
     patch_size: tuple[int, ...]
     batch_size: int
     n_stages: int
@@ -322,8 +323,8 @@ def count_class_voxels(raw_dataset: Path, dataset_json: dict) -> dict[str, int]:
     cases = get_filenames_of_train_images_and_targets(str(raw_dataset), dataset_json)
     histogram = np.zeros(0, dtype=np.int64)
     for entry in cases.values():
-        values = sitk.GetArrayViewFromImage(sitk.ReadImage(str(entry["label"])))
-        values = np.rint(values).astype(np.int64).ravel()
+        # A copy, not GetArrayViewFromImage: a view of a temporary image reads freed memory.
+        values = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(entry["label"])))).astype(np.int64).ravel()
         if values.size and values.min() < 0:
             raise FingerprintError(f"{entry['label']}: negative label values")
         counts = np.bincount(values)
@@ -368,7 +369,6 @@ def summarize(workspace: Workspace, configuration: str = "3d_fullres") -> Finger
     # PlansManager resolves "inherits_from" chains, so derived configurations read correctly.
     config = PlansManager(plans).get_configuration(configuration).configuration
     transpose_backward = [int(i) for i in plans["transpose_backward"]]
-    transpose_forward = [int(i) for i in plans["transpose_forward"]]
 
     # The fingerprint's per-case spacings and shapes are in (untransposed) array order: reversed
     # SimpleITK order, because nnU-Net's SimpleITKIO reverses the spacing to match the array.
@@ -408,6 +408,14 @@ def summarize(workspace: Workspace, configuration: str = "3d_fullres") -> Finger
     features = tuple(int(f) for f in arch_kwargs.get("features_per_stage", ()))
     n_stages = int(arch_kwargs.get("n_stages", len(features)))
 
+    target_spacing = tuple(float(v) for v in _plans_to_xyz(config["spacing"], transpose_backward, 0.0))
+    patch_size = tuple(int(v) for v in _plans_to_xyz(config["patch_size"], transpose_backward, 1))
+    if all(int(shape[0]) == 1 for shape in fingerprint["shapes_after_crop"]):
+        # 2D images: nnU-Net reads them as one slice (array axis 0, i.e. z) with a made-up spacing
+        # of 999 x the largest in-plane one. Report the two real axes only.
+        spacing_xyz, shape_xyz = spacing_xyz[:-1], shape_xyz[:-1]
+        target_spacing, patch_size = target_spacing[:-1], patch_size[:-1]
+
     return FingerprintSummary(
         dataset_name=workspace.require_dataset(),
         n_cases=len(fingerprint["spacings"]),
@@ -417,8 +425,8 @@ def summarize(workspace: Workspace, configuration: str = "3d_fullres") -> Finger
         intensity=intensity,
         voxels_per_class=voxels_per_class,
         configuration=configuration,
-        target_spacing=tuple(float(v) for v in _plans_to_xyz(config["spacing"], transpose_forward, transpose_backward, 0.0)),
-        patch_size=tuple(int(v) for v in _plans_to_xyz(config["patch_size"], transpose_forward, transpose_backward, 1)),
+        target_spacing=target_spacing,
+        patch_size=patch_size,
         batch_size=int(config["batch_size"]),
         n_stages=n_stages,
         features_per_stage=features,
@@ -427,16 +435,14 @@ def summarize(workspace: Workspace, configuration: str = "3d_fullres") -> Finger
     )
 
 
-def _plans_to_xyz(
-    values: Sequence[float], transpose_forward: Sequence[int], transpose_backward: Sequence[int], filler: float
-) -> list[float]:
+def _plans_to_xyz(values: Sequence[float], transpose_backward: Sequence[int], filler: float) -> list[float]:
     """Map a tuple from the plans' transposed array order to image ``(x, y, z)`` order.
 
-    Transposed axis ``i`` is array axis ``transpose_forward[i]``. A 2D configuration describes only
-    the transposed axes 1 and 2; its slice axis (transposed axis 0) gets ``filler``.
+    Array axis ``j`` is transposed axis ``transpose_backward[j]``. A 2D configuration describes
+    only the transposed axes 1 and 2; its slice axis (transposed axis 0) gets ``filler``.
     """
     values = list(values)
-    if len(values) == len(transpose_forward) - 1:
+    if len(values) == len(transpose_backward) - 1:
         values = [filler, *values]
     array_order = [values[transpose_backward[axis]] for axis in range(len(values))]
     return array_order[::-1]
