@@ -117,7 +117,8 @@ class AutoNNUNetParameterNode:
     minEpochs: Annotated[int, WithinRange(1, 10000)] = 10
     maxEpochs: Annotated[int, WithinRange(1, 10000)] = 1000
     folds: Annotated[str, Choice(["0", "all"])] = "0"
-    runtimeWeight: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
+    # 0 = plain PriorBand; the library's default 1 = Regularized PriorBand (faster trainings win ties).
+    runtimeWeight: Annotated[float, WithinRange(0.0, 5.0)] = 1.0
     device: Annotated[str, Choice(DEVICES)] = "auto"
     runWhere: Annotated[str, Choice([RUN_LOCAL, RUN_REMOTE])] = RUN_LOCAL
     modelDir: Path = Path()
@@ -152,7 +153,7 @@ class SearchSettings:
     minEpochs: int = 10
     maxEpochs: int = 1000
     folds: str = "0"
-    runtimeWeight: float = 0.0
+    runtimeWeight: float = 1.0
     device: str = "auto"
 
     def cliArguments(self, workDir: Path, root: Path) -> list:
@@ -170,7 +171,8 @@ class SearchSettings:
         return args
 
     def remoteOptions(self) -> dict:
-        """The same options as keyword arguments of ``RemoteClient.submit_search``."""
+        """The same options as keyword arguments of ``RemoteClient.submit_search`` (the runner
+        picks its own devices, so there is no device here)."""
         options: dict = {"space": self.space, "profile": self.profile, "folds": "all" if self.folds == "all" else [int(self.folds)],
                          "runtime_weight": float(self.runtimeWeight)}
         if self.profile != "quick":
@@ -202,6 +204,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingClassTable = False
         self._timer: Optional[qt.QTimer] = None
         self._shownTrials: list = []
+        self._resultsRoot: Optional[Path] = None  # None: the local search folder
 
     # -- setup / teardown ------------------------------------------------------------------------
 
@@ -601,6 +604,12 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onJobFinished(self, kind: str, job, update) -> None:
         self._appendLog(f"{kind} {update.state}" + (f": {update.message}" if update.message else ""))
+        if kind == "search" and update.state == "stopped":
+            # Stopped by its wall time: the trials so far are results; Resume continues.
+            self.ui.statusLabel.text = "Search stopped (wall time); Resume continues it."
+            self.onLoadResults()
+            self.onUseIncumbent()
+            return
         if update.state != "succeeded":
             if kind == "predict":
                 self.ui.inferenceStatusLabel.text = f"Segmentation {update.state}. {update.message}"
@@ -615,11 +624,13 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif kind == "search":
                 self.ui.statusLabel.text = "Search finished."
                 self.ui.progressBar.value = 100
-                remoteModel = self.logic.collectRemoteResult(job, self._workDir())
-                self.onLoadResults()
+                remoteModel = self.logic.collectRemoteResult(job)
                 if remoteModel is not None:
+                    self._resultsRoot = job.download_dir  # the runner's results.json, if it sent one
+                    self._showTrials(self.logic.trialRows(self._workDir(), self._resultsRoot))
                     self._parameterNode.modelDir = remoteModel
                 else:
+                    self.onLoadResults()
                     self.onUseIncumbent()
             elif kind == "predict":
                 segmentationNode = self.logic.loadPrediction(job, self._parameterNode.outputSegmentation)
@@ -629,6 +640,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- Results section -------------------------------------------------------------------------
 
     def onLoadResults(self) -> None:
+        self._resultsRoot = None
         rows = self.logic.trialRows(self._workDir())
         self._showTrials(rows)
         if not rows:
@@ -987,7 +999,8 @@ class AutoNNUNetLogic(ScriptedLoadableModuleLogic):
         """A copy of Slicer's environment for the child; Slicer's own os.environ is never changed."""
         return autoscene.subprocess_environment(os.environ, autoscene.library_parent())
 
-    def _startProcessJob(self, kind: str, verb: str, arguments: list, workDir: Path, output: Any = None):
+    def _startProcessJob(self, kind: str, verb: str, arguments: list, workDir: Path, output: Any = None,
+                         stoppedExitCodes: tuple = ()):
         if self.isRunning(kind):
             raise RuntimeError(f"a {kind} job is already running")
         jobsDir = Path(workDir) / "jobs"
@@ -998,10 +1011,13 @@ class AutoNNUNetLogic(ScriptedLoadableModuleLogic):
         if not options:
             raise RuntimeError(f"this AutoNNUNetLib has no '{verb}' command")
         useEvents = "--events" in options
+        if "--quiet" in options:
+            arguments = [*arguments, "--quiet"]  # no terminal progress bar in the log file: events carry progress
         command = autoscene.autonnunet_command(self.pythonExecutable(), verb, arguments, eventsFile if useEvents else None)
         process = autoscene.BackgroundProcess(command, self.childEnvironment(), jobsDir / f"{kind}-{stamp}.log", cwd=str(workDir))
         logging.info("AutoNNUNet: starting %s", " ".join(command))
-        job = autoscene.ProcessJob(kind, process, eventsFile if useEvents else None, output=output).start()
+        job = autoscene.ProcessJob(kind, process, eventsFile if useEvents else None, output=output,
+                                   stopped_exit_codes=stoppedExitCodes).start()
         self.jobs[kind] = job
         return job
 
@@ -1074,7 +1090,8 @@ class AutoNNUNetLogic(ScriptedLoadableModuleLogic):
         root = self.searchRoot(workDir)
         if not resume and self.hasSearch(workDir):
             root.rename(root.with_name(f"search-{time.strftime('%Y%m%d-%H%M%S')}"))
-        return self._startProcessJob("search", "search", settings.cliArguments(workDir, root), workDir)
+        # Exit code 3: the search stopped early (wall time); its folder resumes with Resume.
+        return self._startProcessJob("search", "search", settings.cliArguments(workDir, root), workDir, stoppedExitCodes=(3,))
 
     @staticmethod
     def remoteClient(url: str, token: str):
@@ -1086,8 +1103,9 @@ class AutoNNUNetLogic(ScriptedLoadableModuleLogic):
 
     def testRemote(self, url: str, token: str) -> str:
         client = self.remoteClient(url, token)
-        health = client.health() if hasattr(client, "health") else client.status(None)
-        return f"The runner answered: {health}"
+        health = client.health()  # no token needed: tells whether the server is up
+        user = client.whoami()  # needs the token: tells whether it is accepted
+        return f"Connected as '{user}'. Runner: {json.dumps(health, sort_keys=True)}"
 
     def startRemoteSearch(self, workDir: Path, settings: SearchSettings, url: str, token: str):
         """Upload the exported dataset and start the search on a runner (all network off the UI thread)."""
@@ -1097,33 +1115,25 @@ class AutoNNUNetLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError("a search is already running")
         datasetDir = Workspace(workDir).raw_dataset  # raises when no dataset was exported
         options = settings.remoteOptions()
-        options["device"] = settings.device
         downloadDir = Path(workDir) / "remote" / time.strftime("%Y%m%d-%H%M%S")
         downloadDir.mkdir(parents=True, exist_ok=True)
         job = autoscene.RemoteSearchJob(self.remoteClient(url, token), datasetDir, options, downloadDir)
         self.jobs["search"] = job
         return job
 
-    def collectRemoteResult(self, job, workDir: Path) -> Optional[Path]:
-        """The model folder of a finished remote search (its downloaded zip, unpacked and checked)."""
+    def collectRemoteResult(self, job) -> Optional[Path]:
+        """The model folder of a finished remote search: its downloaded zip, unpacked and checked."""
         if not isinstance(job, autoscene.RemoteSearchJob) or job.output is None:
             return None
         from AutoNNUNetLib.model import import_model
 
-        output = Path(job.output)
-        zips = [output] if output.suffix == ".zip" else sorted(output.glob("*.zip")) if output.is_dir() else []
-        if not zips:
-            return None
-        if (output.parent if output.is_file() else output).joinpath("results.json").exists():
-            root = self.searchRoot(workDir)
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.copy2((output.parent if output.is_file() else output) / "results.json", root / "results.json")
-        return Path(import_model(zips[0], job.download_dir / "model"))
+        return Path(import_model(Path(job.output), job.download_dir / "model"))
 
     # -- results ---------------------------------------------------------------------------------
 
-    def trialRows(self, workDir: Path) -> list:
-        root = self.searchRoot(workDir)
+    def trialRows(self, workDir: Path, root: Optional[Path] = None) -> list:
+        """Rows of the trials table from ``results.json`` (the local search's unless ``root`` is given)."""
+        root = Path(root) if root is not None else self.searchRoot(workDir)
         return autoscene.trial_rows_from_results(autoscene.load_results(root), root)
 
     def incumbentModelDir(self, workDir: Path) -> Optional[Path]:
@@ -1142,7 +1152,7 @@ class AutoNNUNetLogic(ScriptedLoadableModuleLogic):
 
         dest = Path(workDir) / "models" / zipPath.stem
         dest.mkdir(parents=True, exist_ok=True)
-        return Path(import_model(zipPath, dest))
+        return Path(import_model(zipPath, dest, overwrite=True))  # importing the same zip again replaces it
 
     # -- chart -----------------------------------------------------------------------------------
 

@@ -594,15 +594,23 @@ def _first(mapping: Mapping[str, Any], *keys: str) -> Any:
     return None
 
 
+def _is_success(state: Any) -> bool:
+    return str(state or "succeeded").lower() in ("succeeded", "success")
+
+
 def trial_rows_from_results(results: Mapping[str, Any], root: Union[str, Path]) -> list[TrialRow]:
     """Table rows from a search's ``results.json``, with the Pareto front and incumbent marked.
 
-    Tolerates a few spellings of the keys so the table survives small changes of the file format.
-    Relative model folders are resolved against the search root.
+    Reads the search's own ``pareto_front`` (trial ids) and ``incumbent`` (a trial id) when the
+    file has them; otherwise the front is computed here from Dice and training time. Tolerates a
+    few spellings of the keys so the table survives small changes of the file format. Relative
+    model folders are resolved against the search root.
     """
     root = Path(root)
-    incumbent = results.get("incumbent") or {}
-    incumbent_trial = str(_first(incumbent, "trial", "trial_id", "id")) if incumbent else None
+    incumbent = results.get("incumbent")
+    if isinstance(incumbent, Mapping):
+        incumbent = _first(incumbent, "trial_id", "trial", "id")
+    incumbent_trial = str(incumbent) if incumbent is not None else None
     rows: list[TrialRow] = []
     for raw in results.get("trials") or []:
         model_dir = _first(raw, "model_dir", "model", "output_dir")
@@ -610,40 +618,49 @@ def trial_rows_from_results(results: Mapping[str, Any], root: Union[str, Path]) 
             model_dir = Path(model_dir)
             if not model_dir.is_absolute():
                 model_dir = root / model_dir
+        state = str(_first(raw, "state", "status") or "succeeded")
         rows.append(
             TrialRow(
-                trial=str(_first(raw, "trial", "trial_id", "id")),
+                trial=str(_first(raw, "trial_id", "trial", "id")),
                 epochs=_opt_int(_first(raw, "epochs", "fidelity", "budget")),
-                dice=_opt_float(_first(raw, "dice", "mean_dice")),
+                dice=_opt_float(_first(raw, "mean_dice", "dice")),
                 train_seconds=_opt_float(_first(raw, "train_seconds", "training_seconds", "time")),
-                state=str(_first(raw, "state", "status") or "succeeded"),
+                state="succeeded" if _is_success(state) else state,
                 config=dict(_first(raw, "config") or {}),
                 model_dir=model_dir,
             )
         )
-    done = [i for i, row in enumerate(rows) if row.dice is not None and row.train_seconds is not None and row.state == "succeeded"]
-    for position in pareto_front([(rows[i].train_seconds, rows[i].dice) for i in done]):  # type: ignore[misc]
-        rows[done[position]].pareto = True
+    front_ids = results.get("pareto_front")
+    if isinstance(front_ids, list) and front_ids:
+        wanted = {str(t) for t in front_ids}
+        for row in rows:
+            row.pareto = row.trial in wanted
+    else:
+        done = [i for i, row in enumerate(rows) if row.dice is not None and row.train_seconds is not None and row.state == "succeeded"]
+        for position in pareto_front([(rows[i].train_seconds, rows[i].dice) for i in done]):  # type: ignore[misc]
+            rows[done[position]].pareto = True
     for row in rows:
         row.incumbent = incumbent_trial is not None and row.trial == incumbent_trial
-    incumbent_dir = _first(incumbent, "model_dir", "model") if incumbent else None
+    incumbent_dir = incumbent_model_dir(root, results)
     if incumbent_dir is not None:
-        path = Path(incumbent_dir)
-        path = path if path.is_absolute() else root / path
         for row in rows:
-            if row.incumbent and row.model_dir is None:
-                row.model_dir = path
+            if row.incumbent:
+                row.model_dir = incumbent_dir  # the kept copy: trial folders may be cleaned up
     return rows
 
 
 def incumbent_model_dir(root: Union[str, Path], results: Optional[Mapping[str, Any]] = None) -> Optional[Path]:
-    """The incumbent's model folder: from ``results.json`` if it names one, else ``ROOT/incumbent/*``."""
+    """The incumbent's model folder: ``incumbent_model_dir`` of ``results.json``, else ``ROOT/incumbent/*``."""
     root = Path(root)
-    incumbent = (results or {}).get("incumbent") or {}
-    named = _first(incumbent, "model_dir", "model") if incumbent else None
+    results = results or {}
+    named = results.get("incumbent_model_dir")
+    if not named and isinstance(results.get("incumbent"), Mapping):
+        named = _first(results["incumbent"], "model_dir", "model")
     if named:
         path = Path(named)
-        return path if path.is_absolute() else root / path
+        path = path if path.is_absolute() else root / path
+        if path.exists():
+            return path
     folder = root / "incumbent"
     candidates = sorted(p for p in folder.glob("*") if (p / "plans.json").exists()) if folder.is_dir() else []
     if candidates:
@@ -873,8 +890,12 @@ class ProcessJob:
     the exit once the process has ended (succeeded = exit code 0).
     """
 
-    def __init__(self, kind: str, process: BackgroundProcess, events_file: Optional[Union[str, Path]], output: Any = None):
+    def __init__(self, kind: str, process: BackgroundProcess, events_file: Optional[Union[str, Path]], output: Any = None,
+                 stopped_exit_codes: Sequence[int] = ()):
         self.kind = kind
+        #: Exit codes meaning "stopped early, resumable" (``autonnunet search`` exits 3 when its
+        #: wall time ran out): reported as state "stopped", not as a failure.
+        self.stopped_exit_codes = tuple(stopped_exit_codes)
         self.process = process
         self.events_file = Path(events_file) if events_file is not None else None
         self.output = output  # what the caller needs once it ends (e.g. the prediction file)
@@ -910,6 +931,9 @@ class ProcessJob:
                 update.state = "cancelled"
             elif code == 0:
                 update.state = "succeeded"
+            elif code in self.stopped_exit_codes:
+                update.state = "stopped"
+                update.message = self.state.message
             else:
                 update.state = "failed"
                 tail = [line for line in self.process.log_path.read_text(errors="replace").splitlines() if line.strip()][-3:]
@@ -940,21 +964,14 @@ class ProcessJob:
             time.sleep(interval)
 
 
-def _pair(value: Any, first: str, second: str) -> tuple[Any, Any]:
-    """``(a, b)`` from a tuple or a dict with keys ``first``/``second`` (client results vary)."""
-    if isinstance(value, Mapping):
-        return value.get(first), value.get(second)
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return value[0], value[1]
-    return value, None
-
-
 class RemoteSearchJob:
-    """A search on a remote runner, driven through :mod:`AutoNNUNetLib.client` from a worker thread.
+    """A search on a remote runner through :class:`AutoNNUNetLib.client.RemoteClient`.
 
-    Every client call (upload and submit, status, logs, cancel, download) runs in a single worker
+    Every client call (upload + submit, status/log/events, cancel, download) runs in one worker
     thread; ``poll()`` only looks at finished futures, so the caller's thread (Slicer's UI thread)
-    never waits on the network. Same :class:`JobUpdate` interface as :class:`ProcessJob`.
+    never waits on the network. Same :class:`JobUpdate` interface as :class:`ProcessJob`. When the
+    job succeeds, ``model.zip`` (and ``results.json`` when the runner has it) are downloaded into
+    ``download_dir``; ``output`` is then the model zip's path.
     """
 
     FINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -967,83 +984,77 @@ class RemoteSearchJob:
         self.download_dir = Path(download_dir)
         self.state = ProgressState()
         self.job_id: Optional[str] = None
-        self.output: Optional[Path] = None  # the downloaded artifact once succeeded
+        self.output: Optional[Path] = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autonnunet-remote")
         self._log_offset = 0
         self._event_offset = 0
-        self._remote_state: Optional[str] = None
         self._done = False
         self._cancel_requested = False
-        self._pending = self._executor.submit(client.submit_search, str(dataset_dir), **dict(options))
+        self._pending = self._executor.submit(self._submit, str(dataset_dir), dict(options))
         self._pending_kind = "submit"
 
+    # -- worker-thread side: the only place the client is called ---------------------------------
+
+    def _submit(self, dataset_dir: str, options: dict) -> str:
+        upload = self.client.upload_dataset(dataset_dir)  # resumable, checked by SHA-256
+        job = self.client.submit_search(upload["id"], **options)
+        return str(job["id"])
+
     def _fetch(self) -> tuple[dict, str, list, int, int]:
-        """Runs in the worker thread: status, new log text and new events."""
         status = self.client.status(self.job_id) or {}
-        text, log_offset = _pair(self.client.logs(self.job_id, self._log_offset), "text", "next_offset")
-        events: list = []
-        event_offset = self._event_offset
-        if hasattr(self.client, "events"):
-            raw, event_offset = _pair(self.client.events(self.job_id, self._event_offset), "events", "next_offset")
-            events = list(raw or [])
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
-        return status, text or "", events, int(log_offset if log_offset is not None else self._log_offset), int(event_offset or 0)
+        page = self.client.logs(self.job_id, self._log_offset) or {}
+        events, event_offset, _complete = self.client.events(self.job_id, self._event_offset)
+        text = page.get("text") or ""
+        return status, text, list(events), int(page.get("next_offset", self._log_offset)), int(event_offset)
+
+    def _download(self) -> Path:
+        self.download_dir.mkdir(parents=True, exist_ok=True)
+        model = self.client.download(self.job_id, "model.zip", self.download_dir)
+        try:
+            self.client.download(self.job_id, "results.json", self.download_dir)
+        except Exception:  # the trials table is a bonus; the model is what matters
+            pass
+        return Path(model)
+
+    # -- caller side -----------------------------------------------------------------------------
 
     def poll(self) -> JobUpdate:
-        from .events import ProgressEvent
-
         update = JobUpdate()
         if self._done or not self._pending.done():
             return update
         kind, future = self._pending_kind, self._pending
         try:
             result = future.result()
-        except Exception as error:  # network or server error: report it, stop polling
+        except Exception as error:  # network or server error: report it and stop
             self._finish(update, "failed", f"{kind}: {error}")
             return update
         if kind == "submit":
-            job_id, _ = _pair(result, "id", "job_id") if isinstance(result, Mapping) else (result, None)
-            self.job_id = str(job_id)
+            self.job_id = result
             update.log += f"Submitted remote job {self.job_id}\n"
             if self._cancel_requested:
                 self.cancel()
                 return update
         elif kind == "fetch":
-            status, text, raw_events, self._log_offset, self._event_offset = result
+            status, text, events, self._log_offset, self._event_offset = result
             update.log += text
-            for raw in raw_events:
-                event = raw if isinstance(raw, ProgressEvent) else ProgressEvent(raw.get("kind", "progress"), raw.get("data", {}), raw.get("time", time.time()))
+            for event in events:
                 self.state.update(event)
-                update.events.append(event)
-            if not raw_events:  # runner without an events feed: synthesize from the status
-                progress = status.get("progress") or {}
-                data = {k: progress[k] for k in ("fraction", "eta_seconds", "message") if progress.get(k) is not None}
-                if data:
-                    event = ProgressEvent("progress", data)
-                    self.state.update(event)
-                    update.events.append(event)
-                if progress.get("best_dice") is not None and progress.get("best_dice") != self.state.best_dice:
-                    event = ProgressEvent("best", {"dice": progress["best_dice"], "trial": progress.get("best_trial", progress.get("trial"))})
-                    self.state.update(event)
-                    update.events.append(event)
-            self._remote_state = str(status.get("state", "running"))
-            if self._remote_state == "succeeded":
-                self._pending = self._executor.submit(self.client.download, self.job_id, str(self.download_dir))
-                self._pending_kind = "download"
+            update.events.extend(events)
+            remote_state = str(status.get("state", "running"))
+            if remote_state == "succeeded":
+                self._pending, self._pending_kind = self._executor.submit(self._download), "download"
                 return update
-            if self._remote_state in self.FINAL_STATES:
-                self._finish(update, self._remote_state, str(status.get("message") or status.get("error") or ""))
+            if remote_state in self.FINAL_STATES:
+                self._finish(update, remote_state, str(status.get("error") or ""))
                 return update
         elif kind == "download":
-            self.output = Path(result) if result else self.download_dir
-            self._finish(update, "succeeded", f"downloaded to {self.output}")
+            self.output = result
+            self._finish(update, "succeeded", f"model downloaded to {self.output}")
             return update
         elif kind == "cancel":
             self._finish(update, "cancelled", "cancelled on the runner")
             return update
-        self._pending = self._executor.submit(self._fetch)
-        self._pending_kind = "fetch"
+        self._pending, self._pending_kind = self._executor.submit(self._fetch), "fetch"
         return update
 
     def _finish(self, update: JobUpdate, state: str, message: str) -> None:
@@ -1056,9 +1067,8 @@ class RemoteSearchJob:
         return not self._done
 
     def cancel(self) -> None:
-        """Ask the runner to cancel (in the worker thread); the next polls report the end."""
+        """Ask the runner to cancel (from the worker thread); a later poll reports the end."""
         self._cancel_requested = True
         if self.job_id is None or self._done:
-            return  # still submitting: cancelled right after the submit returns
-        self._pending = self._executor.submit(self.client.cancel, self.job_id)
-        self._pending_kind = "cancel"
+            return  # still uploading/submitting: cancelled as soon as the submit returns
+        self._pending, self._pending_kind = self._executor.submit(self.client.cancel, self.job_id), "cancel"
