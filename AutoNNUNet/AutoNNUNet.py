@@ -117,6 +117,8 @@ class AutoNNUNetParameterNode:
     minEpochs: Annotated[int, WithinRange(1, 10000)] = 10
     maxEpochs: Annotated[int, WithinRange(1, 10000)] = 1000
     folds: Annotated[str, Choice(["0", "all"])] = "0"
+    iterationsPerEpoch: Annotated[int, WithinRange(0, 100000)] = 0  # 0 = the profile's own
+    priorFirst: bool = False
     # 0 = plain PriorBand; the library's default 1 = Regularized PriorBand (faster trainings win ties).
     runtimeWeight: Annotated[float, WithinRange(0.0, 5.0)] = 1.0
     device: Annotated[str, Choice(DEVICES)] = "auto"
@@ -153,6 +155,8 @@ class SearchSettings:
     minEpochs: int = 10
     maxEpochs: int = 1000
     folds: str = "0"
+    iterationsPerEpoch: int = 0  # 0 = the profile's own (250 default, 3 quick)
+    priorFirst: bool = False  # train nnU-Net's default at full fidelity first, as the reference does
     runtimeWeight: float = 1.0
     device: str = "auto"
 
@@ -168,6 +172,10 @@ class SearchSettings:
             args += ["--wall-time", str(int(self.wallTimeSeconds))]
         if self.maxTrials > 0:
             args += ["--max-trials", str(self.maxTrials)]
+        if self.iterationsPerEpoch > 0:
+            args += ["--iterations-per-epoch", str(self.iterationsPerEpoch)]
+        if self.priorFirst:
+            args.append("--prior-first")
         return args
 
     def remoteOptions(self) -> dict:
@@ -183,6 +191,8 @@ class SearchSettings:
             options["wall_time"] = float(self.wallTimeSeconds)
         if self.maxTrials > 0:
             options["max_trials"] = self.maxTrials
+        if self.iterationsPerEpoch > 0:
+            options["iterations_per_epoch"] = self.iterationsPerEpoch
         return options
 
 
@@ -236,7 +246,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Search
         self.ui.startButton.clicked.connect(lambda: self.onStartSearch(resume=False))
         self.ui.resumeButton.clicked.connect(lambda: self.onStartSearch(resume=True))
-        self.ui.stopButton.clicked.connect(lambda: self.onCancel("search"))
+        self.ui.stopButton.clicked.connect(self.onStop)
         self.ui.testConnectionButton.clicked.connect(self.onTestConnection)
         self.ui.showChartButton.clicked.connect(self.onShowChart)
         self.ui.remoteUrlLineEdit.editingFinished.connect(self._saveRemoteSettings)
@@ -275,7 +285,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._timer is not None:
             self._timer.stop()
         if self.logic is not None:
-            # Children are in their own process group: stop them rather than leave orphans training.
+            # Children are in their own process group and would outlive Slicer: stop them.
             self.logic.cancelAllJobs()
 
     def enter(self) -> None:
@@ -319,11 +329,10 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.logTextEdit.appendPlainText(text.rstrip("\n"))
 
     def _updateButtons(self) -> None:
-        searchRunning = self.logic.isRunning("search")
-        busyWorkspace = searchRunning or self.logic.isRunning("fingerprint")
+        busyWorkspace = self.logic.isRunning("search") or self.logic.isRunning("fingerprint")
         self.ui.startButton.enabled = not busyWorkspace
         self.ui.resumeButton.enabled = not busyWorkspace
-        self.ui.stopButton.enabled = searchRunning
+        self.ui.stopButton.enabled = busyWorkspace
         self.ui.runFingerprintButton.enabled = not busyWorkspace
         self.ui.exportDatasetButton.enabled = not busyWorkspace
         self.ui.segmentButton.enabled = not self.logic.isRunning("predict")
@@ -528,7 +537,8 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return SearchSettings(
             space=SEARCH_SPACES[p.searchSpace], profile=p.profile, totalEpochs=p.totalEpochs,
             wallTimeSeconds=p.wallTimeHours * 3600.0, maxTrials=p.maxTrials, minEpochs=p.minEpochs,
-            maxEpochs=p.maxEpochs, folds=p.folds, runtimeWeight=p.runtimeWeight, device=p.device,
+            maxEpochs=p.maxEpochs, folds=p.folds, iterationsPerEpoch=p.iterationsPerEpoch, priorFirst=p.priorFirst,
+            runtimeWeight=p.runtimeWeight, device=p.device,
         )
 
     def onStartSearch(self, resume: bool) -> None:
@@ -566,6 +576,12 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("The runner did not answer.", waitCursor=True):
             message = self.logic.testRemote(self.ui.remoteUrlLineEdit.text.strip(), self.ui.remoteTokenLineEdit.text.strip())
             slicer.util.infoDisplay(message, windowTitle="AutoNNUNet runner")
+
+    def onStop(self) -> None:
+        """Stop whatever runs on the working folder (the search or the fingerprinting)."""
+        for kind in ("search", "fingerprint"):
+            if self.logic.isRunning(kind):
+                self.onCancel(kind)
 
     def onCancel(self, kind: str) -> None:
         self.logic.cancelJob(kind)
@@ -1042,8 +1058,11 @@ class AutoNNUNetLogic(ScriptedLoadableModuleLogic):
             job.cancel()
 
     def cancelAllJobs(self) -> None:
-        for kind in list(self.jobs):
-            self.cancelJob(kind)
+        """Stop every job before Slicer exits: local trees are killed (blocking, a few seconds at
+        most), remote jobs are left running on their runner."""
+        for job in self.jobs.values():
+            if job.running and isinstance(job, autoscene.ProcessJob):
+                job.terminate()
 
     def waitForJob(self, kind: str, timeoutSeconds: float):
         """Poll a job until it ends, keeping Slicer responsive (self-test, scripting)."""
@@ -1405,7 +1424,10 @@ class AutoNNUNetTest(ScriptedLoadableModuleTest):
         self.assertEqual(logic.waitForJob("fingerprint", 1800).state, "succeeded")
 
         self.delayDisplay("Tiny search (quick profile)")
-        settings = SearchSettings(space="hpo", profile="quick", maxTrials=2, folds="0", device="cpu")
+        # The quick profile (1..9 epochs) with nnU-Net's default trained first at 9 epochs, so the
+        # incumbent has seen enough iterations to find a bright sphere.
+        settings = SearchSettings(space="hpo", profile="quick", maxTrials=2, folds="0", iterationsPerEpoch=20,
+                                  priorFirst=True, device="cpu")
         logic.startSearch(workDir, settings)
         self.assertEqual(logic.waitForJob("search", 3600).state, "succeeded")
         modelDir = logic.incumbentModelDir(workDir)

@@ -784,11 +784,18 @@ def _alive(pid: int) -> bool:
         return True
 
 
+#: Seconds a cancelled child gets between SIGTERM and SIGKILL: the search uses them to mark its
+#: running trial for a retry, so Resume continues cleanly (same grace as AutoNNUNetLib.jobs).
+CANCEL_GRACE_SECONDS = 10.0
+
+
 class BackgroundProcess:
     """A child process whose output goes to a log file, polled rather than waited for.
 
-    The Slicer module polls :meth:`poll` and :meth:`read_log` from a QTimer, so the UI never blocks;
-    :meth:`cancel` kills the child's whole process tree.
+    The Slicer module polls :meth:`poll` and :meth:`read_log` from a QTimer, so the UI never blocks.
+    :meth:`cancel` does not block either: it sends SIGTERM to the child's process group (its
+    training workers included) and a later :meth:`poll` sends SIGKILL to whatever is left after the
+    grace period, or at once to stragglers when the child itself has ended.
     """
 
     def __init__(self, command: Sequence[str], env: Mapping[str, str], log_path: Union[str, Path], cwd: Optional[Union[str, Path]] = None):
@@ -798,6 +805,7 @@ class BackgroundProcess:
         self.cwd = str(cwd) if cwd is not None else None
         self._process: Optional[subprocess.Popen] = None
         self._log_offset = 0
+        self._kill_deadline: Optional[float] = None
         self.cancelled = False
 
     def start(self) -> None:
@@ -817,8 +825,15 @@ class BackgroundProcess:
         return self._process.pid if self._process else None
 
     def poll(self) -> Optional[int]:
-        """The exit code, or None while running."""
-        return self._process.poll() if self._process else None
+        """The exit code, or None while running; finishes a pending cancel."""
+        if self._process is None:
+            return None
+        code = self._process.poll()
+        if self._kill_deadline is not None and (code is not None or time.monotonic() > self._kill_deadline):
+            self._kill_group(signal.SIGKILL if os.name != "nt" else None)
+            if code is not None:
+                self._kill_deadline = None
+        return code
 
     @property
     def running(self) -> bool:
@@ -834,15 +849,33 @@ class BackgroundProcess:
         self._log_offset += len(chunk)
         return chunk.decode("utf-8", errors="replace")
 
-    def cancel(self, timeout: float = 5.0) -> None:
+    def _kill_group(self, sig: Optional[int]) -> None:
+        assert self._process is not None
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True, check=False)
+            return
+        # start_new_session made the child a group leader: its pid is the group id, which stays
+        # valid while any member (a worker it started) lives, even after the child has exited.
+        if self._process.pid != os.getpgid(0):
+            _signal_group(self._process.pid, sig)
+
+    def cancel(self, grace: float = CANCEL_GRACE_SECONDS) -> None:
+        """Ask the whole tree to stop now; SIGKILL follows from :meth:`poll` after ``grace`` seconds."""
         if self._process is None or self._process.poll() is not None:
             return
         self.cancelled = True
-        kill_process_tree(self._process.pid, timeout=timeout)
-        try:
-            self._process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
+        self._kill_deadline = time.monotonic() + grace
+        self._kill_group(signal.SIGTERM if os.name != "nt" else None)
+
+    def terminate(self, timeout: float = 5.0) -> None:
+        """Blocking stop for shutdown (Slicer exiting): :func:`kill_process_tree`."""
+        if self._process is not None and self._process.poll() is None:
+            self.cancelled = True
+            kill_process_tree(self._process.pid, timeout=timeout)
+            try:
+                self._process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
 
 
 def library_parent() -> Path:
@@ -946,6 +979,10 @@ class ProcessJob:
 
     def cancel(self) -> None:
         self.process.cancel()
+
+    def terminate(self) -> None:
+        """Stop at once and wait (application shutdown)."""
+        self.process.terminate()
 
     def wait(self, timeout: float, interval: float = 0.5) -> JobUpdate:
         """Block until the job ends (headless use and tests); the collected update."""

@@ -334,10 +334,14 @@ def test_trial_rows_from_search_results(tmp_path):
 
 CHILD = textwrap.dedent(
     """
-    import subprocess, sys, time
+    import signal, subprocess, sys, time
     from AutoNNUNetLib.events import EventWriter
     write = EventWriter(sys.argv[1])
     write.emit("stage", name="test", message="child up")
+    if sys.argv[2] == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a child that will not stop politely
+        print("ignoring SIGTERM", flush=True)
+        time.sleep(60)
     if sys.argv[2] == "spawn":
         grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         open(sys.argv[3], "w").write(str(grandchild.pid))
@@ -390,6 +394,23 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
     while scene._alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not scene._alive(grandchild), "the grandchild survived Cancel"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_cancel_escalates_to_sigkill_without_blocking(tmp_path):
+    job = _job(tmp_path, "stubborn")
+    deadline = time.monotonic() + 20
+    log = ""
+    while "ignoring SIGTERM" not in log and time.monotonic() < deadline:
+        log += job.poll().log
+        time.sleep(0.05)
+    started = time.monotonic()
+    job.process.cancel(grace=0.3)
+    assert time.monotonic() - started < 0.2  # cancel itself returns at once
+    assert job.process.poll() is None  # SIGTERM ignored: still running within the grace period
+    update = job.wait(timeout=10, interval=0.05)
+    assert update.state == "cancelled"
+    assert time.monotonic() - started < 5
 
 
 def test_subprocess_environment_is_a_copy():
