@@ -425,7 +425,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """A newly picked segmentation brings its reference volume as the first channel."""
         table = self.ui.casesTableWidget
         for row in range(table.rowCount):
-            if table.cellWidget(row, 1) is selector:
+            if table.cellWidget(row, 1) == selector:  # rows shift on removal: find the selector's row now
                 firstChannel = table.cellWidget(row, 2)
                 reference = self.logic.referenceVolume(selector.currentNode()) if selector.currentNode() else None
                 if firstChannel is not None and firstChannel.currentNode() is None and reference is not None:
@@ -1406,7 +1406,7 @@ class AutoNNUNetTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Building a synthetic labeled scene")
         cases = []
-        for index in range(4):
+        for index in range(6):  # nnU-Net's 5-fold split needs at least 5 cases
             image, truth = self._syntheticCase(index + 1)
             volume = self._addVolume(image, f"train{index}")
             # Alternate segment order: the class mapping must not depend on it.
@@ -1417,7 +1417,7 @@ class AutoNNUNetTest(ScriptedLoadableModuleTest):
         datasetDir = logic.exportDataset(cases, ["Image"], None, workDir, 1, "SelfTest")
         datasetJson = json.loads((datasetDir / "dataset.json").read_text())
         self.assertEqual(datasetJson["labels"], {"background": 0, "Sphere": 1, "Box": 2})
-        self.assertEqual(datasetJson["numTraining"], 4)
+        self.assertEqual(datasetJson["numTraining"], 6)
 
         self.delayDisplay("Fingerprint and plan")
         logic.startFingerprint(workDir)
