@@ -507,8 +507,10 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 cases, self._channelNames(), self._classAliases, self._workDir(),
                 self._parameterNode.datasetId, self._parameterNode.datasetName, progress=report,
             )
-        except ValueError as error:  # DatasetError is a ValueError; its message names each case
+        except Exception as error:  # DatasetError (a ValueError) names each case and its problem
             self.ui.dataStatusLabel.text = str(error)
+            if not isinstance(error, ValueError):
+                logging.exception("AutoNNUNet: dataset export failed")
             slicer.util.errorDisplay("The dataset was not exported:\n\n" + str(error), windowTitle="AutoNNUNet")
             return
         finally:
@@ -544,8 +546,12 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onStartSearch(self, resume: bool) -> None:
         remote = self._parameterNode.runWhere == RUN_REMOTE
         # A remote search needs only the client (requests) here; a local one everything.
-        if remote and not self.logic._requirementSatisfied("requests"):
+        if remote and not self.logic.requirementSatisfied("requests"):
             slicer.util.errorDisplay("The 'requests' package is missing; use Setup > Check / install.")
+            return
+        if remote and resume:
+            slicer.util.infoDisplay("A remote search resumes on its runner by itself (also after a runner restart); "
+                                    "Start submits a new one.", windowTitle="AutoNNUNet")
             return
         if not remote and not self._ensureDependencies():
             return
@@ -786,7 +792,7 @@ class AutoNNUNetLogic(ScriptedLoadableModuleLogic):
     # -- dependencies ----------------------------------------------------------------------------
 
     @staticmethod
-    def _requirementSatisfied(requirement: str) -> bool:
+    def requirementSatisfied(requirement: str) -> bool:
         try:
             from packaging.requirements import Requirement
         except ImportError:  # no packaging: presence is all we can check
@@ -805,7 +811,7 @@ class AutoNNUNetLogic(ScriptedLoadableModuleLogic):
 
     def missingDependencies(self) -> list:
         """Requirements not installed or installed at an incompatible version."""
-        return [r for r in [TORCH_REQUIREMENT, *PIP_REQUIREMENTS] if not self._requirementSatisfied(r)]
+        return [r for r in [TORCH_REQUIREMENT, *PIP_REQUIREMENTS] if not self.requirementSatisfied(r)]
 
     @staticmethod
     def dependencyVersionsText() -> str:
@@ -834,7 +840,7 @@ class AutoNNUNetLogic(ScriptedLoadableModuleLogic):
             return DependencyResult(["PyTorch extension"], True,
                                     "The PyTorch extension was installed. Restart Slicer, then click 'Check / install' again.")
 
-        if not self._requirementSatisfied(TORCH_REQUIREMENT):
+        if not self.requirementSatisfied(TORCH_REQUIREMENT):
             log("Installing PyTorch (this can take several minutes)...")
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
             if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT.replace("torch", "", 1)) is None:
@@ -848,7 +854,7 @@ class AutoNNUNetLogic(ScriptedLoadableModuleLogic):
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:
             constraints.write("\n".join(pins) + "\n")
         try:
-            toInstall = [r for r in PIP_REQUIREMENTS if not self._requirementSatisfied(r)]
+            toInstall = [r for r in PIP_REQUIREMENTS if not self.requirementSatisfied(r)]
             if toInstall:
                 log("Installing " + ", ".join(toInstall) + " ...")
                 slicer.util.pip_install([*toInstall, "--constraint", constraints.name])
