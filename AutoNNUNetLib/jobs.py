@@ -326,6 +326,8 @@ class Step:
     lock: Optional[str] = None
     optional: bool = False      # a failure is logged but does not fail the job
     message: str = ""
+    ok_codes: list[int] = field(default_factory=lambda: [0])  # exit codes that count as success
+    command: Optional[list[str]] = None  # a plain command instead of an autonnunet verb
 
 
 @dataclass
@@ -705,6 +707,8 @@ class Supervisor:
                 code = self._run_submitit(step)
             else:
                 code = self._run_local(step)
+            if code in step.ok_codes:
+                code = 0
             if code == 0 and step.done_marker:
                 Path(step.done_marker).parent.mkdir(parents=True, exist_ok=True)
                 Path(step.done_marker).write_text(json.dumps({"time": time.time(), "job": str(self.dir)}))
@@ -713,6 +717,8 @@ class Supervisor:
     def _command(self, step: Step) -> list[str]:
         # "@model_dir:PATH" stands for the model folder found under PATH when the step runs (an
         # imported zip's folder name is known only after the import step).
+        if step.command:
+            return list(step.command)
         argv = [str(find_model_dir(a[len(MODEL_DIR_PREFIX):])) if a.startswith(MODEL_DIR_PREFIX) else a
                 for a in step.argv]
         return [self.spec.python, "-m", "AutoNNUNetLib", *argv]

@@ -30,6 +30,7 @@ and the rest of the library (and the Slicer module) never needs them.
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -835,7 +836,7 @@ class JobQueue:
             return []
         descriptions = {"model.zip": "the incumbent model (nnU-Net results layout, zip)",
                         "results.json": "search results: trials and incumbent",
-                        "trials.csv": "table of all trials", "report.html": "search report",
+                        "trials.csv": "table of all trials", "report.zip": "search report (HTML and plots)",
                         "record.json": "training record", "predictions.zip": "predicted label maps"}
         return [
             Artifact(path.name, path.stat().st_size, sha256_file(path), descriptions.get(path.name, ""))
@@ -911,11 +912,21 @@ class JobQueue:
             params = SearchParams(**job.params)
             workspace = self.paths.upload_workspace(params.upload_id)
             root = job_dir / "root"
-            argv = params.to_argv(workspace, root) + ["--device", device, "--events", events]
+            # The search verb runs its own NePS workers (one per visible GPU, or submitit/Slurm
+            # jobs), so the job gives it all its GPUs in one CUDA_VISIBLE_DEVICES and the worker
+            # count; exit code 3 means a budget such as the wall-clock limit stopped it: success.
+            argv = params.to_argv(workspace, root) + ["--device", device, "--events", events, "--quiet",
+                                                      "--workers", str(params.workers)]
+            if self.settings.executor in ("slurm", "submitit-local"):
+                argv += ["--launcher", "submitit", "--executor",
+                         "slurm" if self.settings.executor == "slurm" else "local"]
+                if self.settings.executor == "slurm" and self.settings.slurm.partition:
+                    argv += ["--slurm-partition", self.settings.slurm.partition]
+            search_env = {"CUDA_VISIBLE_DEVICES": ",".join(devices) if self.settings.uses_gpus else ""}
             steps += [
                 plan_step(workspace),
-                Step(name="search", argv=argv, workers=workers, remote=True,
-                     message=f"PriorBand search with {len(workers)} worker(s)"),
+                Step(name="search", argv=argv, env=search_env, ok_codes=[0, 3],
+                     message=f"PriorBand search with {params.workers} worker(s)"),
                 Step(name="export", builtin="export_model",
                      kwargs={"source": str(root / "incumbent"), "dest": str(artifacts / "model.zip")},
                      message="export the incumbent model"),
@@ -924,12 +935,14 @@ class JobQueue:
                              "missing_ok": True}),
                 Step(name="trials", builtin="trials_table", optional=True,
                      kwargs={"results": str(root / "results.json"), "dest": str(artifacts / "trials.csv")}),
-                Step(name="report", argv=["report", "--root", str(root), "--output", str(job_dir / "report")],
-                     optional=True, message="write the search report"),
-                Step(name="report-copy", builtin="copy", optional=True,
-                     kwargs={"source": str(job_dir / "report" / "report.html"),
-                             "dest": str(artifacts / "report.html"), "missing_ok": True}),
             ]
+            if importlib.util.find_spec("AutoNNUNetLib.report") is not None:
+                steps += [
+                    Step(name="report", argv=["report", str(root), "--output", str(job_dir / "report")],
+                         optional=True, message="write the search report"),
+                    Step(name="report-zip", builtin="zip_folder", optional=True,
+                         kwargs={"source": str(job_dir / "report"), "dest": str(artifacts / "report.zip")}),
+                ]
         elif job.kind == "train":
             params = TrainParams(**job.params)
             workspace = self.paths.upload_workspace(params.upload_id)
