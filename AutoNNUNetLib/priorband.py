@@ -10,8 +10,9 @@ decisions, leaving sampling, brackets, rung sizes and random state untouched:
    loss. A slower configuration is promoted only if no faster one is at least as good.
 2. **Incumbent for PriorBand's incumbent-based sampling**: among the Pareto front of all completed
    trials, the point minimising ``(1 + loss_n) * (1 + runtime_n) ** runtime_weight`` where ``_n``
-   is min-max normalisation over the front (``1 +`` keeps both extremes of the front from scoring
-   0); ties go to the lower loss. ``runtime_weight = 1`` is the reference's normalized product.
+   is min-max normalisation over all completed trials (so a loss gap counts relative to the spread
+   of losses seen, and ``1 +`` keeps the extremes of the front from scoring 0); ties go to the
+   lower loss. ``runtime_weight = 1`` is the reference's normalized product.
 
 ``loss`` is the trial's ``objective_to_minimize`` (1 - mean Dice in the search); ``runtime`` is the
 trial's ``report.extra[runtime_key]`` (seconds of training per epoch by default: unlike total
@@ -83,17 +84,19 @@ def incumbent_scores(points: Sequence[tuple[float, float]], runtime_weight: floa
     if not points:
         return []
     ranks = pareto_ranks(points)
-    front = [p for p, r in zip(points, ranks) if r == 0]
 
     def normalise(values: list[float], value: float) -> float:
-        lo, hi = min(values), max(values)
+        finite = [v for v in values if math.isfinite(v)]
+        if not finite or not math.isfinite(value):
+            return 1.0
+        lo, hi = min(finite), max(finite)
         return (value - lo) / (hi - lo) if hi > lo else 0.0
 
-    front_losses = [p[0] for p in front]
-    front_times = [p[1] for p in front]
+    losses = [p[0] for p in points]
+    times = [p[1] for p in points]
     scores = []
     for point, rank in zip(points, ranks):
-        score = (1.0 + normalise(front_losses, point[0])) * (1.0 + normalise(front_times, point[1])) ** runtime_weight
+        score = (1.0 + normalise(losses, point[0])) * (1.0 + normalise(times, point[1])) ** runtime_weight
         # A tiny loss term makes equal products prefer the more accurate point.
         score += 1e-9 * point[0]
         scores.append(score if rank == 0 else 10.0 + score)
