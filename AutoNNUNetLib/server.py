@@ -285,9 +285,10 @@ def inspect_archive(path: Path, max_members: int = 200_000) -> tuple[str, list[_
                 raise UploadError(f"archive holds {len(infos)} members; at most {max_members} are accepted")
             for info in infos:
                 rel = _check_member_name(info.filename)
+                # Unix file type bits, when the writer set them (many zip writers leave them 0).
                 mode = info.external_attr >> 16
                 is_dir = info.is_dir()
-                if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
                     kind = "a symbolic link" if stat.S_ISLNK(mode) else "a special file"
                     raise UploadError(f"archive member {info.filename!r} is {kind}; only files and folders are accepted")
                 members.append(_Member(rel, 0 if is_dir else info.file_size, is_dir, info))
