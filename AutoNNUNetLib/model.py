@@ -1,0 +1,531 @@
+"""Model folders: nnU-Net's results layout, plus our record, as a portable zip.
+
+A model folder is what ``nnUNetv2_train`` leaves in ``nnUNet_results``, so stock nnU-Net tools and
+SlicerNNUnet load it without this package::
+
+    nnUNetTrainer__nnUNetPlans__3d_fullres/
+        plans.json                   the plans, architecture entry = the network actually trained
+        dataset.json                 channels, labels, file ending
+        dataset_fingerprint.json     what the planner saw (optional for inference)
+        fold_0/checkpoint_final.pth  weights; ``trainer_name`` is a stock nnU-Net trainer
+        autonnunet.json              our record: configuration, scores, training time (optional)
+
+The zip written by :func:`export_model` holds these files under ``DatasetNNN_Name/<model folder>/``,
+the layout of ``nnUNetv2_export_model_to_zip``, so ``nnUNetv2_install_pretrained_model_from_zip``
+installs it as well. Only what inference and the record need goes in (no ``checkpoint_best``,
+logs or plots), members are sorted and time-stamped identically, so exporting the same folder twice
+gives the same bytes; a ``<zip>.sha256`` sidecar in ``sha256sum`` format goes next to it.
+
+:func:`import_model` refuses archives that could write outside the destination (absolute paths,
+``..``, links), that lack a required file, or whose checkpoint stock nnU-Net could not load, and
+only then moves the extracted folder into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Optional, Sequence, Union
+
+from .workspace import DATASET_NAME_RE, PLANS_NAME, STOCK_TRAINER
+
+logger = logging.getLogger(__name__)
+
+RECORD_NAME = "autonnunet.json"
+CHECKPOINT_NAME = "checkpoint_final.pth"
+#: Files at the top of a model folder that an export carries (when present); the first two are required.
+MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json", RECORD_NAME)
+REQUIRED_FILES = ("plans.json", "dataset.json")
+#: Fixed member time stamp (the zip epoch) so that archives are byte-for-byte reproducible.
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+_FOLD_RE = re.compile(r"^fold_(\d+|all)$")
+
+PathLike = Union[str, os.PathLike]
+
+
+class ModelError(ValueError):
+    """A model folder or archive is unusable; the message names the file and the problem."""
+
+
+@dataclass
+class ModelInfo:
+    """What :func:`inspect_model` found in a model folder."""
+
+    model_dir: Path
+    dataset_name: str
+    plans_name: str
+    configuration: str
+    trainer_name: str
+    folds: list[Union[int, str]] = field(default_factory=list)
+
+    @property
+    def folder_name(self) -> str:
+        """The folder name nnU-Net expects: ``<trainer>__<plans>__<configuration>``."""
+        return f"{self.trainer_name}__{self.plans_name}__{self.configuration}"
+
+
+def load_record(model_dir: PathLike) -> dict:
+    """Our JSON record of a model folder (configuration, scores, times); ``{}`` if it has none.
+
+    A model trained by stock nnU-Net has no record and is still a valid model.
+    """
+    path = Path(model_dir) / RECORD_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{path}: not valid JSON ({error})") from error
+
+
+def available_folds(model_dir: PathLike, checkpoint: str = CHECKPOINT_NAME) -> list[Union[int, str]]:
+    """Folds of a model folder that hold ``checkpoint``, numeric folds first (sorted), then ``all``."""
+    found: list[Union[int, str]] = []
+    for child in Path(model_dir).iterdir() if Path(model_dir).is_dir() else []:
+        match = _FOLD_RE.match(child.name)
+        if match and (child / checkpoint).is_file():
+            found.append("all" if match.group(1) == "all" else int(match.group(1)))
+    return sorted(found, key=lambda f: (isinstance(f, str), f if isinstance(f, int) else 0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+
+
+def inspect_model(
+    model_dir: PathLike,
+    folds: Optional[Sequence[Union[int, str]]] = None,
+    checkpoint: str = CHECKPOINT_NAME,
+    trust_checkpoint: bool = False,
+) -> ModelInfo:
+    """Check that a model folder is complete and loadable by stock nnU-Net; describe it.
+
+    Checks: ``plans.json`` and ``dataset.json`` are present and valid JSON; each requested fold
+    (default: all present, at least one) has ``checkpoint``; each checkpoint holds network weights,
+    names a trainer class that ships with nnU-Net (a custom name would need the trainer's code on
+    the user's machine) and a configuration the plans contain.
+
+    Checkpoints are opened with ``torch.load(weights_only=True)`` (tensors, numbers, strings and
+    numpy scalars only), so inspecting an archive from elsewhere cannot run code. Pass
+    ``trust_checkpoint=True`` for checkpoints that legitimately hold other objects.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir}: not a folder")
+    documents: dict[str, dict] = {}
+    for name in REQUIRED_FILES:
+        path = model_dir / name
+        if not path.is_file():
+            raise ModelError(f"{path}: missing (a model folder needs {', '.join(REQUIRED_FILES)})")
+        try:
+            documents[name] = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ModelError(f"{path}: not valid JSON ({error})") from error
+    plans = documents["plans.json"]
+    if not isinstance(plans.get("configurations"), dict):
+        raise ModelError(f"{model_dir / 'plans.json'}: no 'configurations' entry; not an nnU-Net plans file")
+
+    present = available_folds(model_dir, checkpoint)
+    if folds is None:
+        folds = present
+        if not folds:
+            raise ModelError(f"{model_dir}: no fold_N/{checkpoint} (the trained weights are missing)")
+    else:
+        folds = [f if f == "all" else int(f) for f in folds]
+        for fold in folds:
+            if fold not in present:
+                raise ModelError(f"{model_dir / f'fold_{fold}' / checkpoint}: missing")
+
+    configuration = trainer_name = None
+    for fold in folds:
+        path = model_dir / f"fold_{fold}" / checkpoint
+        content = _load_checkpoint(path, trust_checkpoint)
+        if not isinstance(content, dict) or "network_weights" not in content:
+            raise ModelError(f"{path}: no 'network_weights'; not an nnU-Net checkpoint")
+        name = content.get("trainer_name")
+        if not isinstance(name, str) or not is_stock_trainer(name):
+            raise ModelError(
+                f"{path}: trainer_name {name!r} is not a trainer that ships with nnU-Net, so stock "
+                f"nnU-Net tools cannot rebuild the network (models must name {STOCK_TRAINER!r})"
+            )
+        config_name = (content.get("init_args") or {}).get("configuration")
+        if config_name not in plans["configurations"]:
+            raise ModelError(
+                f"{path}: configuration {config_name!r} is not in plans.json "
+                f"({', '.join(plans['configurations'])})"
+            )
+        if configuration is not None and (config_name, name) != (configuration, trainer_name):
+            raise ModelError(f"{path}: trained as {name}/{config_name}, other folds as {trainer_name}/{configuration}")
+        configuration, trainer_name = config_name, name
+
+    return ModelInfo(
+        model_dir=model_dir,
+        dataset_name=str(plans.get("dataset_name", "")),
+        plans_name=str(plans.get("plans_name", PLANS_NAME)),
+        configuration=str(configuration),
+        trainer_name=str(trainer_name),
+        folds=list(folds),
+    )
+
+
+def is_stock_trainer(name: str) -> bool:
+    """Whether nnU-Net finds a trainer class of this name inside its own package.
+
+    That is where ``nnUNetv2_predict`` looks (``nnUNet_extTrainer`` is opt-in), so only such
+    names load everywhere. The common case is answered without importing nnU-Net's trainers.
+    """
+    if name == STOCK_TRAINER:
+        return True
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        return False
+    import nnunetv2
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    folder = os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer")
+    try:
+        return recursive_find_python_class(folder, name, "nnunetv2.training.nnUNetTrainer") is not None
+    except Exception:  # a trainer module that fails to import is nnU-Net's problem, not a match
+        return False
+
+
+def _load_checkpoint(path: Path, trust: bool) -> Any:
+    import numpy as np
+    import torch
+
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    # nnU-Net's logs in the checkpoint hold numpy scalars; allow those, and nothing executable.
+    core = getattr(np, "_core", None) or np.core
+    allowed: list[Any] = [core.multiarray.scalar, np.dtype]
+    allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    # Checkpoints written under numpy 1.x name the scalar constructor by its old module path.
+    allowed.append((core.multiarray.scalar, "numpy.core.multiarray.scalar"))
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ModelError(
+            f"{path}: cannot be read as a plain checkpoint ({first_line}); if you trust its source, "
+            f"import it with trust_checkpoint=True / --trust-checkpoint"
+        ) from error
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+
+
+def export_model(
+    model_dir: PathLike,
+    zip_path: PathLike,
+    folds: Optional[Sequence[Union[int, str]]] = None,
+    checkpoint: str = CHECKPOINT_NAME,
+) -> Path:
+    """Write ``model_dir`` (the given folds, default all) to ``zip_path`` plus ``<zip_path>.sha256``.
+
+    The folder is validated first (:func:`inspect_model`): an archive that stock tools could not
+    load is never written. Returns the zip path.
+    """
+    model_dir = Path(model_dir)
+    zip_path = Path(zip_path)
+    info = inspect_model(model_dir, folds=folds, checkpoint=checkpoint)
+    dataset_name = info.dataset_name if DATASET_NAME_RE.match(info.dataset_name) else "Dataset999_AutoNNUNet"
+    prefix = PurePosixPath(dataset_name) / info.folder_name
+
+    members: list[tuple[str, Path]] = []
+    for name in MODEL_FILES:
+        if (model_dir / name).is_file():
+            members.append((str(prefix / name), model_dir / name))
+    for fold in info.folds:
+        members.append((str(prefix / f"fold_{fold}" / CHECKPOINT_NAME), model_dir / f"fold_{fold}" / checkpoint))
+    members.sort(key=lambda item: item[0])
+
+    zip_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = zip_path.with_name(zip_path.name + ".partial")
+    try:
+        with zipfile.ZipFile(tmp, "w") as archive:
+            for arcname, source in members:
+                entry = zipfile.ZipInfo(arcname, date_time=_ZIP_TIME)
+                entry.external_attr = (stat.S_IFREG | 0o644) << 16
+                entry.create_system = 3  # unix, so the permission bits above mean what they say
+                # Weights hardly compress; storing them saves seconds on large models.
+                entry.compress_type = zipfile.ZIP_STORED if source.suffix == ".pth" else zipfile.ZIP_DEFLATED
+                with open(source, "rb") as src, archive.open(entry, "w", force_zip64=True) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        digest = sha256_file(tmp)
+        os.replace(tmp, zip_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    sidecar = zip_path.with_name(zip_path.name + ".sha256")
+    sidecar.write_text(f"{digest}  {zip_path.name}\n")
+    logger.info("exported %s (folds %s) to %s", model_dir, info.folds, zip_path)
+    return zip_path
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Import
+
+
+def import_model(
+    zip_path: PathLike, dest_dir: PathLike, overwrite: bool = False, trust_checkpoint: bool = False
+) -> Path:
+    """Validate and extract a model archive; return the model folder.
+
+    The model lands in ``dest_dir/DatasetNNN_Name/<trainer>__<plans>__<configuration>``, so
+    ``dest_dir`` can serve directly as ``nnUNet_results``. Accepts archives from
+    :func:`export_model` and ``nnUNetv2_export_model_to_zip`` (one model folder per archive).
+    If ``<zip_path>.sha256`` exists, the archive must match it. Nothing is left in ``dest_dir``
+    unless everything checks out: extraction goes to a temporary folder inside ``dest_dir`` that
+    is renamed into place at the end.
+    """
+    zip_path = Path(zip_path)
+    dest_dir = Path(dest_dir)
+    if not zip_path.is_file():
+        raise ModelError(f"{zip_path}: no such file")
+    _check_sidecar(zip_path)
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile as error:
+        raise ModelError(f"{zip_path}: not a zip archive ({error})") from error
+
+    with archive:
+        entries = [entry for entry in archive.infolist() if not entry.is_dir()]
+        for entry in archive.infolist():
+            _check_member(zip_path, entry)
+        names = [PurePosixPath(entry.filename) for entry in entries]
+        if len(set(names)) != len(names):
+            raise ModelError(f"{zip_path}: duplicate member names")
+        model_prefix = _find_model_prefix(zip_path, names)
+
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".import-", dir=dest_dir))
+        try:
+            extracted = staging / "model"
+            extracted.mkdir()
+            for entry, name in zip(entries, names):
+                if model_prefix not in name.parents:
+                    continue  # other files of a stock export (another configuration's logs, ...)
+                relative = name.relative_to(model_prefix)
+                if not _wanted(relative):
+                    continue
+                target = extracted.joinpath(*relative.parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    with archive.open(entry) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                except zipfile.BadZipFile as error:  # CRC mismatch: a damaged download
+                    raise ModelError(f"{zip_path}: member {entry.filename} is corrupt ({error})") from error
+            _require_files(zip_path, model_prefix, extracted)
+            try:
+                info = inspect_model(extracted, trust_checkpoint=trust_checkpoint)
+            except ModelError as error:
+                # Name the archive member rather than the temporary path.
+                raise ModelError(str(error).replace(str(extracted), f"{zip_path}:{model_prefix}")) from error
+            dataset_name = info.dataset_name if DATASET_NAME_RE.match(info.dataset_name) else "Dataset999_AutoNNUNet"
+            final = dest_dir / dataset_name / info.folder_name
+            if final.exists() or final.is_symlink():
+                if not overwrite:
+                    raise ModelError(f"{final}: already exists (pass overwrite=True / --overwrite to replace it)")
+                _remove(final)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(extracted, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    logger.info("imported %s to %s", zip_path, final)
+    return final
+
+
+def _check_sidecar(zip_path: Path) -> None:
+    sidecar = zip_path.with_name(zip_path.name + ".sha256")
+    if not sidecar.is_file():
+        return
+    text = sidecar.read_text().strip()
+    expected = text.split()[0].lower() if text else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise ModelError(f"{sidecar}: not a SHA-256 checksum file")
+    actual = sha256_file(zip_path)
+    if actual != expected:
+        raise ModelError(f"{zip_path}: SHA-256 {actual} does not match {sidecar.name} ({expected}); damaged download?")
+
+
+def _check_member(zip_path: Path, entry: zipfile.ZipInfo) -> None:
+    """Reject members that would land outside the destination or are not plain files."""
+    name = entry.filename
+    problem = None
+    if "\\" in name or "\x00" in name:
+        problem = "has a backslash or NUL in its name"
+    elif name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        problem = "is an absolute path"
+    elif ".." in PurePosixPath(name).parts:
+        problem = "contains '..' (path traversal)"
+    else:
+        mode = entry.external_attr >> 16
+        if entry.create_system == 3 and mode and stat.S_ISLNK(mode):
+            problem = "is a symbolic link"
+        elif entry.create_system == 3 and mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            problem = "is not a regular file"
+    if problem:
+        raise ModelError(f"{zip_path}: member {name!r} {problem}; refusing to extract this archive")
+
+
+def _find_model_prefix(zip_path: Path, names: Sequence[PurePosixPath]) -> PurePosixPath:
+    """The folder inside the archive that holds ``plans.json`` (exactly one is allowed)."""
+    candidates = sorted({name.parent for name in names if name.name == "plans.json"}, key=str)
+    if not candidates:
+        raise ModelError(f"{zip_path}: no plans.json inside; not an nnU-Net model archive")
+    if len(candidates) > 1:
+        listed = ", ".join(str(c) for c in candidates)
+        raise ModelError(f"{zip_path}: holds several models ({listed}); export one model per archive")
+    return candidates[0]
+
+
+def _wanted(relative: PurePosixPath) -> bool:
+    """Files of a model folder worth extracting: top-level model files and fold checkpoints."""
+    parts = relative.parts
+    if len(parts) == 1:
+        return parts[0] in MODEL_FILES
+    return len(parts) == 2 and bool(_FOLD_RE.match(parts[0])) and parts[1].endswith(".pth")
+
+
+def _require_files(zip_path: Path, prefix: PurePosixPath, extracted: Path) -> None:
+    for name in REQUIRED_FILES:
+        if not (extracted / name).is_file():
+            raise ModelError(f"{zip_path}: {prefix / name} is missing")
+    if not available_folds(extracted):
+        raise ModelError(
+            f"{zip_path}: no {prefix}/fold_N/{CHECKPOINT_NAME} inside (the trained weights are missing)"
+        )
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Installing for stock nnU-Net
+
+
+def install_for_nnunet(
+    model_dir: PathLike,
+    results_root: PathLike,
+    dataset_name: Optional[str] = None,
+    link: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Make a model folder visible to ``nnUNetv2_predict -d <dataset> -c <configuration>``.
+
+    Places it at ``results_root/<dataset_name>/<trainer>__<plans>__<configuration>`` with
+    ``nnUNet_results=results_root``. ``dataset_name`` (``DatasetNNN_Name``) defaults to the one in
+    the plans. With ``link`` the place is a symbolic link to ``model_dir`` (no copy of the weights);
+    where links are not allowed (Windows without developer mode) it falls back to a copy.
+    An existing link there is replaced; an existing real folder (someone's trained model) only
+    with ``overwrite``.
+    """
+    model_dir = Path(model_dir).resolve()
+    info = inspect_model(model_dir)
+    dataset_name = dataset_name or info.dataset_name
+    if not DATASET_NAME_RE.match(dataset_name or ""):
+        raise ModelError(
+            f"dataset name {dataset_name!r} is not of nnU-Net's form DatasetNNN_Name; nnUNetv2_predict -d cannot find it"
+        )
+    target = Path(results_root) / dataset_name / info.folder_name
+    if target.is_symlink() or target.exists():
+        if target.resolve() == model_dir:
+            return target
+        if not target.is_symlink() and not overwrite:
+            raise ModelError(f"{target}: already exists (pass overwrite=True to replace it)")
+        _remove(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        try:
+            target.symlink_to(model_dir, target_is_directory=True)
+            return target
+        except OSError as error:
+            logger.info("cannot link %s (%s); copying instead", target, error)
+    staging = Path(tempfile.mkdtemp(prefix=".install-", dir=target.parent))
+    try:
+        copy = staging / "model"
+        copy.mkdir()
+        for name in MODEL_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, copy / name)
+        for fold in info.folds:
+            (copy / f"fold_{fold}").mkdir()
+            shutil.copy2(model_dir / f"fold_{fold}" / CHECKPOINT_NAME, copy / f"fold_{fold}" / CHECKPOINT_NAME)
+        os.replace(copy, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    export = subparsers.add_parser(
+        "export-model",
+        help="write a model folder to a zip (+ .sha256) that stock nnU-Net can install",
+        description="Validate a model folder and write it as a reproducible zip archive with a SHA-256 sidecar.",
+    )
+    export.add_argument("model_dir", type=Path, help="model folder (nnU-Net results layout)")
+    export.add_argument("zip_path", type=Path, help="archive to write, e.g. model.zip")
+    export.add_argument("--folds", nargs="+", default=None, help="folds to include (default: all present)")
+    export.set_defaults(func=_cmd_export)
+
+    imp = subparsers.add_parser(
+        "import-model",
+        help="validate and extract a model zip",
+        description="Check a model archive (paths, files, checkpoint) and extract it to "
+        "DEST/DatasetNNN_Name/<model folder>; DEST can serve as nnUNet_results.",
+    )
+    imp.add_argument("zip_path", type=Path, help="archive written by export-model or nnUNetv2_export_model_to_zip")
+    imp.add_argument("dest_dir", type=Path, help="destination folder")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    imp.add_argument(
+        "--trust-checkpoint", action="store_true", help="allow checkpoints that hold arbitrary Python objects"
+    )
+    imp.set_defaults(func=_cmd_import)
+
+
+def _parse_folds(values: Optional[Iterable[str]]) -> Optional[list[Union[int, str]]]:
+    if values is None:
+        return None
+    try:
+        return [v if v == "all" else int(v) for v in values]
+    except ValueError as error:
+        raise ModelError(f"folds must be integers or 'all', got {list(values)}") from error
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    path = export_model(args.model_dir, args.zip_path, folds=_parse_folds(args.folds))
+    print(path)
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    path = import_model(args.zip_path, args.dest_dir, overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint)
+    print(path)
+    return 0
