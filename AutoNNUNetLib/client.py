@@ -237,10 +237,16 @@ class RemoteClient:
                     if progress is not None:
                         progress(offset, size)
                     continue
-                if response.status_code == 409:  # not where the server is: take its offset
+                if response.status_code == 409:
                     header = response.headers.get("Upload-Offset")
-                    offset = int(header) if header is not None else self._server_offset(upload_id)
                     failures += 1
+                    if header is not None:  # not where the server is: take its offset
+                        offset = int(header)
+                    else:
+                        # The server is still finishing the chunk whose connection broke: give it
+                        # a moment to notice, then ask where it stands.
+                        self._sleep(failures - 1)
+                        offset = self._server_offset(upload_id)
                 elif response.status_code == 422 or response.status_code in RETRY_STATUS:
                     failures += 1  # chunk damaged in transit, or server trouble: send it again
                     self._sleep(failures - 1)

@@ -1349,5 +1349,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     where = f"GPUs {','.join(settings.gpus)}" if settings.gpus else f"CPU ({settings.cpu_slots} slot(s))"
     print(f"AutoNNUNet server {__version__}: http://{args.host}:{args.port}{API_PREFIX} (docs at /docs), "
           f"data in {settings.data_dir}, {where}, executor {settings.executor}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
+    # A bounded graceful shutdown: a client stuck mid-chunk must not keep the server from
+    # stopping (its partial chunk is discarded anyway).
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30,
+                timeout_graceful_shutdown=5)
     return 0
