@@ -6,7 +6,7 @@ same as a missing one, so ids cannot be probed).
 
 - Uploads: resumable chunked upload of a dataset archive. ``POST /v1/uploads`` with the total size
   and SHA-256, then ``PUT /v1/uploads/{id}/chunks?offset=N`` (each chunk with its own SHA-256 in
-  ``X-Chunk-SHA256``), ``GET /v1/uploads/{id}`` tells the committed offset to resume from, and
+  ``X-Chunk-SHA256`` or ``X-Chunk-CRC32``), ``GET /v1/uploads/{id}`` tells the committed offset to resume from, and
   ``POST /v1/uploads/{id}/complete`` checks the whole SHA-256 and starts validation: archive
   members are checked (no absolute paths, ``..``, links or device files), extracted, and the
   dataset is built with the library's validation (``autonnunet dataset``) before a job may use it.
@@ -28,6 +28,7 @@ and the rest of the library (and the Slicer module) never needs them.
 # No ``from __future__ import annotations`` here: FastAPI reads the route functions' annotations,
 # and those name classes imported inside create_app (lazily), which string annotations can't see.
 import argparse
+import asyncio
 import contextlib
 import hashlib
 import importlib.util
@@ -43,6 +44,7 @@ import tarfile
 import threading
 import time
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -363,14 +365,8 @@ def extract_archive(path: Path, dest: Path, members: list[_Member], fmt: str) ->
                         copy(stream, out, member.size)
     except FileExistsError as error:
         raise UploadError(f"archive holds the same file twice: {Path(error.filename).name}") from None
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib_error()) as error:
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:
         raise UploadError(f"the archive is damaged: {error}") from None
-
-
-def zlib_error() -> type:
-    import zlib
-
-    return zlib.error
 
 
 def find_dataset_root(folder: Path) -> Path:
@@ -401,6 +397,61 @@ def find_images_root(folder: Path) -> tuple[Path, int]:
 # ---------------------------------------------------------------------------------------------
 # Uploads
 # ---------------------------------------------------------------------------------------------
+
+
+class _ChunkSink:
+    """Writes and checksums a chunk's bytes in a worker thread while the next bytes arrive.
+
+    Receiving (HTTP parsing) runs on the event loop; writing and hashing run in a thread (hashlib
+    and zlib release the GIL), one block at a time and in order, so the two overlap on two cores
+    and at most two blocks are in memory.
+    """
+
+    BLOCK = 1 << 20
+
+    def __init__(self, fd: int, digest: Any, crc: bool, total: Any):
+        self.fd = fd
+        self.digest = digest
+        self.use_crc = crc
+        self.crc = 0
+        self.total = total
+        self.received = 0
+
+    def _process(self, block: bytes) -> None:
+        view = memoryview(block)
+        while view:
+            view = view[os.write(self.fd, view):]
+        if self.digest is not None:
+            self.digest.update(block)
+        if self.use_crc:
+            self.crc = zlib.crc32(block, self.crc)
+        if self.total is not None:
+            self.total.update(block)
+
+    async def consume(self, chunks: AsyncIterator[bytes], limit: int) -> None:
+        pending: Optional[asyncio.Future] = None
+        buffer = bytearray()
+        loop = asyncio.get_running_loop()
+        try:
+            async for piece in chunks:
+                self.received += len(piece)
+                if self.received > limit:
+                    raise ApiError(413, "chunk goes past the declared size or the chunk limit")
+                buffer += piece
+                if len(buffer) >= self.BLOCK:
+                    if pending is not None:
+                        await pending
+                    pending = loop.run_in_executor(None, self._process, bytes(buffer))
+                    buffer.clear()
+            if pending is not None:
+                await pending
+                pending = None
+            if buffer:
+                await loop.run_in_executor(None, self._process, bytes(buffer))
+        finally:
+            if pending is not None:  # don't let the caller truncate the file under a running write
+                with contextlib.suppress(Exception):
+                    await pending
 
 
 class UploadService:
@@ -449,8 +500,17 @@ class UploadService:
         return record, True
 
     async def write_chunk(self, user: str, upload_id: str, offset: int, chunks: AsyncIterator[bytes],
-                          content_length: Optional[int], chunk_sha256: Optional[str]) -> UploadRecord:
-        record = self.own(user, upload_id)
+                          content_length: Optional[int], chunk_sha256: Optional[str],
+                          chunk_crc32: Optional[str] = None) -> UploadRecord:
+        """Append one chunk at ``offset`` (which must be the committed offset).
+
+        A chunk may carry its SHA-256 or, cheaper, its CRC32 (8 hex digits): either detects damage
+        in transit, and a damaged chunk is dropped so the client can send it again. The CRC is
+        the default of our client because the server already pays one SHA-256 over every byte
+        (the whole file's, checked at ``complete``, which catches anything a CRC could miss).
+        """
+        # SQLite calls block (a commit may wait for the disk): keep them off the event loop.
+        record = await asyncio.to_thread(self.own, user, upload_id)
         if record.state != "receiving":
             raise ApiError(409, f"upload {upload_id} is {record.state}; it accepts no more data")
         if offset != record.received:
@@ -463,13 +523,14 @@ class UploadService:
             raise ApiError(413, f"chunks may be at most {_human(self.settings.max_chunk_bytes)}")
         if chunk_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", chunk_sha256):
             raise ApiError(422, "X-Chunk-SHA256 must be 64 hex digits")
+        if chunk_crc32 is not None and not re.fullmatch(r"[0-9a-fA-F]{8}", chunk_crc32):
+            raise ApiError(422, "X-Chunk-CRC32 must be 8 hex digits")
         with self._busy_lock:
             if upload_id in self._busy:
                 raise ApiError(409, f"another chunk of upload {upload_id} is being written")
             self._busy.add(upload_id)
         path = self.paths.upload_part(upload_id)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        received = 0
         committed = False
         try:
             # Bytes past the committed offset are a chunk that was cut off (dropped connection,
@@ -477,30 +538,22 @@ class UploadService:
             if os.fstat(fd).st_size != offset:
                 os.ftruncate(fd, offset)
             os.lseek(fd, offset, os.SEEK_SET)
-            chunk_digest = hashlib.sha256()
             cached = self._hashers.get(upload_id)
-            total = cached[1].copy() if cached and cached[0] == offset else None
-            async for piece in chunks:
-                if not piece:
-                    continue
-                received += len(piece)
-                if offset + received > record.size or received > self.settings.max_chunk_bytes:
-                    raise ApiError(413, f"chunk goes past the declared size {record.size} or the chunk limit")
-                view = memoryview(piece)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                chunk_digest.update(piece)
-                if total is not None:
-                    total.update(piece)
-            if chunk_sha256 is not None and chunk_digest.hexdigest() != chunk_sha256.lower():
-                raise ApiError(422, f"chunk at offset {offset} failed its SHA-256 check (corrupted in transit); "
+            sink = _ChunkSink(fd, hashlib.sha256() if chunk_sha256 is not None else None, chunk_crc32 is not None,
+                              cached[1].copy() if cached and cached[0] == offset else None)
+            limit = min(record.size - offset, self.settings.max_chunk_bytes)
+            await sink.consume(chunks, limit)
+            if (sink.digest is not None and sink.digest.hexdigest() != chunk_sha256.lower()) or (
+                    chunk_crc32 is not None and sink.crc != int(chunk_crc32, 16)):
+                kind = "SHA-256" if sink.digest is not None else "CRC32"
+                raise ApiError(422, f"chunk at offset {offset} failed its {kind} check (corrupted in transit); "
                                     "send it again")
-            if not self.store.advance_upload(upload_id, offset, offset + received):
+            end = offset + sink.received
+            if not await asyncio.to_thread(self.store.advance_upload, upload_id, offset, end):
                 raise ApiError(409, f"upload {upload_id} changed while this chunk was written; query its offset")
             committed = True
-            if total is not None:
-                self._hashers[upload_id] = (offset + received, total)
+            if sink.total is not None:
+                self._hashers[upload_id] = (end, sink.total)
         finally:
             if not committed:
                 with contextlib.suppress(OSError):
@@ -508,7 +561,7 @@ class UploadService:
             os.close(fd)
             with self._busy_lock:
                 self._busy.discard(upload_id)
-        updated = self.store.get_upload(upload_id)
+        updated = await asyncio.to_thread(self.store.get_upload, upload_id)
         assert updated is not None
         return updated
 
@@ -532,8 +585,6 @@ class UploadService:
                 part.unlink()
             raise ApiError(422, f"upload {upload_id} failed its SHA-256 check (expected {record.sha256}, got "
                                 f"{digest}); start a new upload")
-        with open(part, "rb+") as handle:  # durable before we call it complete
-            os.fsync(handle.fileno())
         os.replace(part, self.paths.upload_archive(upload_id))
         self.store.set_upload_state(upload_id, "validating", expect="receiving")
         self._validator.submit(self.validate, upload_id)
@@ -581,6 +632,10 @@ class UploadService:
 
     def _validate(self, record: UploadRecord) -> dict[str, Any]:
         archive = self.paths.upload_archive(record.id)
+        # Make the archive durable here, off the client's request: flushing a large file takes
+        # seconds, and until validation ends nothing depends on it.
+        with open(archive, "rb+") as handle:
+            os.fsync(handle.fileno())
         self._clear_extracted(record.id)
         workspace = self.paths.upload_workspace(record.id)
         if record.kind == "model":
@@ -939,7 +994,7 @@ class JobQueue:
             ]
             if importlib.util.find_spec("AutoNNUNetLib.report") is not None:
                 steps += [
-                    Step(name="report", argv=["report", str(root), "--output", str(job_dir / "report")],
+                    Step(name="report", argv=["report", str(root), "--out", str(job_dir / "report")],
                          optional=True, message="write the search report"),
                     Step(name="report-zip", builtin="zip_folder", optional=True,
                          kwargs={"source": str(job_dir / "report"), "dest": str(artifacts / "report.zip")}),
@@ -1151,12 +1206,14 @@ def create_app(settings: ServerSettings):  # -> fastapi.FastAPI (imported lazily
                         offset: int = Query(..., ge=0, le=1 << 50, description="byte offset of this chunk"),
                         x_chunk_sha256: Optional[str] = Header(None, max_length=128,
                                                                 description="SHA-256 (hex) of this chunk"),
+                        x_chunk_crc32: Optional[str] = Header(None, max_length=16,
+                                                               description="or its CRC32 (8 hex digits)"),
                         user: str = Depends(current_user)) -> UploadView:
         length = request.headers.get("content-length")
         content_length = int(length) if length and length.isdigit() else None
         try:
             record = await server.uploads.write_chunk(user, upload_id, offset, request.stream(), content_length,
-                                                      x_chunk_sha256)
+                                                      x_chunk_sha256, x_chunk_crc32)
         except ClientDisconnect:
             raise ApiError(400, "the connection dropped during the chunk; query the offset and resume") from None
         return UploadView.of(record)

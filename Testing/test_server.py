@@ -22,6 +22,7 @@ import sys
 import tarfile
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -309,6 +310,10 @@ def test_corrupted_chunk_is_rejected_and_offsets_are_enforced(srv):
                             headers={**auth(srv.alice), "X-Chunk-SHA256": sha256(first)})
     assert response.status_code == 422 and "SHA-256" in response.json()["detail"]
     assert requests.get(f"{srv.api}/uploads/{record['id']}", headers=auth(srv.alice)).json()["received"] == 0
+    # The client's default check is a CRC32 per chunk: damage is caught the same way.
+    response = requests.put(url, params={"offset": 0}, data=bytes(damaged),
+                            headers={**auth(srv.alice), "X-Chunk-CRC32": f"{zlib.crc32(first):08x}"})
+    assert response.status_code == 422 and "CRC32" in response.json()["detail"]
     response = requests.put(url, params={"offset": 0}, data=first,
                             headers={**auth(srv.alice), "X-Chunk-SHA256": sha256(first)})
     assert response.status_code == 200 and response.json()["received"] == len(first)
