@@ -426,7 +426,7 @@ def _events(srv, job_id: str) -> list[dict]:
     return requests.get(f"{srv.api}/jobs/{job_id}/events", headers=auth(srv.alice)).json()["events"]
 
 
-def test_cancel_of_a_running_training_leaves_no_process(srv, alice_dataset):
+def test_server_kill_reattaches_and_cancel_leaves_no_process(srv, alice_dataset):
     body = {"upload_id": alice_dataset["id"], "epochs": 200, "iterations_per_epoch": 2}
     job = _submit(srv, srv.alice, "train", body).json()
     deadline = time.monotonic() + 240
@@ -437,10 +437,23 @@ def test_cancel_of_a_running_training_leaves_no_process(srv, alice_dataset):
     else:
         pytest.fail("training did not start: " + requests.get(f"{srv.api}/jobs/{job['id']}/log",
                                                               headers=auth(srv.alice)).json()["text"][-2000:])
-    status = requests.get(f"{srv.api}/jobs/{job['id']}", headers=auth(srv.alice)).json()
+    deadline = time.monotonic() + 10  # the queue folds new events into the status once a second
+    while True:
+        status = requests.get(f"{srv.api}/jobs/{job['id']}", headers=auth(srv.alice)).json()
+        if (status["progress"] or {}).get("epoch") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert status["state"] == "running" and status["progress"]["epoch"] >= 1
     pgid = Store(srv.data_dir / "autonnunet.db").get_job(job["id"]).pid
     assert process_group_members(pgid)
+    # Kill -9 the server alone: the job runs on, and the restarted server re-attaches to it.
+    srv.kill9()
+    assert process_group_members(pgid)
+    srv.start()
+    status = requests.get(f"{srv.api}/jobs/{job['id']}", headers=auth(srv.alice)).json()
+    assert status["state"] == "running" and status["attempts"] == 1
+    log = requests.get(f"{srv.api}/jobs/{job['id']}/log", params={"limit": 1 << 22}, headers=auth(srv.alice))
+    assert "re-attached to the running job" in log.json()["text"]
     cancelled = requests.post(f"{srv.api}/jobs/{job['id']}/cancel", headers=auth(srv.alice)).json()
     assert cancelled["state"] == "cancelled"
     assert process_group_members(pgid) == []
