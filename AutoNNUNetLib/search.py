@@ -372,8 +372,11 @@ def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
 
 
 def _worker_id(index: int) -> str:
-    # host:pid lets another worker on the same host tell whether the owner of a trial is alive.
-    return f"{socket.gethostname()}:{os.getpid()}:{index}"
+    # host:pid lets another worker on the same host tell whether the owner of a trial is alive;
+    # the random tail keeps ids unique when one process runs several searches (NePS refuses reuse).
+    import uuid
+
+    return f"{socket.gethostname()}:{os.getpid()}:{index}:{uuid.uuid4().hex[:8]}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -448,6 +451,8 @@ class _StopControl:
     never interrupted inside its own bookkeeping.
     """
 
+    DEADLINE = "wall-clock limit reached"
+
     def __init__(self, deadline: Optional[float]):
         self.deadline = deadline
         self.requested: Optional[str] = None
@@ -473,7 +478,7 @@ class _StopControl:
         self._previous.clear()
 
     def _deadline_reached(self) -> None:
-        self.requested = self.requested or "wall-clock limit reached"
+        self.requested = self.requested or self.DEADLINE
         if self.in_trial:
             # Deliver to the main thread, where the trial trains.
             signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # type: ignore[arg-type]
@@ -486,7 +491,7 @@ class _StopControl:
 
     def check(self) -> None:
         if self.requested is None and self.deadline is not None and time.time() >= self.deadline:
-            self.requested = "wall-clock limit reached"
+            self.requested = self.DEADLINE
         if self.requested is not None:
             raise SearchStopped(self.requested)
 
@@ -516,7 +521,7 @@ def _read_attempts(trial_dir: Path) -> int:
 def _is_abandoned(trial: Any, stale_after: float, now: float) -> bool:
     worker = str(trial.metadata.evaluating_worker_id or "")
     parts = worker.split(":")
-    if len(parts) == 3 and parts[0] == socket.gethostname() and parts[1].isdigit():
+    if len(parts) >= 3 and parts[0] == socket.gethostname() and parts[1].isdigit():
         if int(parts[1]) == os.getpid():
             return False
         if not _pid_alive(int(parts[1])):
@@ -801,7 +806,8 @@ def run_worker(
 ) -> str:
     """Run one NePS worker on ``root`` until a budget is spent or it is stopped.
 
-    Returns ``"finished"`` (a budget is spent), or ``"stopped"`` (signal or wall-clock limit).
+    Returns ``"finished"`` (a budget, the wall-clock limit included, is spent) or ``"stopped"``
+    (SIGTERM/SIGINT). Either way the trial in training goes back to pending.
     """
     import neps
 
@@ -842,7 +848,7 @@ def run_worker(
         runner.emit(ProgressEvent("stage", {
             "name": "search", "message": f"worker {worker_id} stopped ({stopped}); "
                                          f"returned to pending: {', '.join(reset) or 'none'}"}))
-        return "stopped"
+        return "finished" if str(stopped) == _StopControl.DEADLINE else "stopped"
     finally:
         stop.uninstall()
 
