@@ -19,6 +19,7 @@ Writes its table to docs/benchmarks.md under "## Remote runner".
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -63,7 +64,7 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 class Server:
-    def __init__(self, data_dir: Path, max_upload_gb: float):
+    def __init__(self, data_dir: Path, max_upload_gb: float, http: str = "auto"):
         import requests
 
         self.port = free_port()
@@ -71,7 +72,7 @@ class Server:
         self.log = open(data_dir.parent / "server.log", "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "AutoNNUNetLib", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
-             "--gpus", "cpu", "--max-upload-gb", str(max_upload_gb), "--log-level", "warning"],
+             "--gpus", "cpu", "--max-upload-gb", str(max_upload_gb), "--log-level", "warning", "--http", http],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         for _ in range(300):
             try:
@@ -90,7 +91,7 @@ class Server:
 # -- 1. upload ----------------------------------------------------------------------------------
 
 UPLOAD_CLIENT = r"""
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 from AutoNNUNetLib.client import RemoteClient, _sha256_file
 url, token, path, chunk = sys.argv[1:5]
@@ -100,37 +101,46 @@ _sha256_file(Path(path))  # what upload_file does first; timed separately
 t1 = time.perf_counter()
 record = client.upload_file(path, wait=False)
 t2 = time.perf_counter()
+cpu = sum(os.times()[:2])
 hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
 print(json.dumps({"hash_seconds": t1 - t0, "upload_seconds": t2 - t1, "state": record["state"],
-                  "received": record["received"], "client_peak_rss": hwm}))
+                  "received": record["received"], "client_peak_rss": hwm,
+                  "client_cpu": cpu}))
 """
 
 
-def bench_upload(work: Path, size_mb: int, chunk_mb: int) -> dict:
+def bench_upload(work: Path, size_mb: int, chunk_mb: int, parsers: list[str]) -> list[dict]:
     from AutoNNUNetLib.store import Store
 
     archive = work / "archive.bin"
     with open(archive, "wb") as handle:  # written in pieces: the benchmark itself stays small too
         for _ in range(size_mb):
             handle.write(os.urandom(MB))
-    data_dir = work / "upload-data"
-    data_dir.mkdir()
-    token = Store(data_dir / "autonnunet.db").create_token("bench")
-    server = Server(data_dir, max_upload_gb=size_mb / 1024 + 1)
+    results = []
     try:
-        base_rss = proc_status(server.process.pid, "VmRSS")
-        out = subprocess.run([sys.executable, "-c", UPLOAD_CLIENT, server.url, token, str(archive), str(chunk_mb * MB)],
-                             capture_output=True, text=True, check=True)
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        result["server_peak_rss"] = proc_status(server.process.pid, "VmHWM")
-        result["server_idle_rss"] = base_rss
+        for http in parsers:
+            data_dir = work / f"upload-data-{http}"
+            data_dir.mkdir()
+            token = Store(data_dir / "autonnunet.db").create_token("bench")
+            server = Server(data_dir, max_upload_gb=size_mb / 1024 + 1, http=http)
+            try:
+                base_rss = proc_status(server.process.pid, "VmRSS")
+                cpu0 = proc_cpu_seconds(server.process.pid)
+                out = subprocess.run([sys.executable, "-c", UPLOAD_CLIENT, server.url, token, str(archive),
+                                      str(chunk_mb * MB)], capture_output=True, text=True, check=True)
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                result["server_peak_rss"] = proc_status(server.process.pid, "VmHWM")
+                result["server_cpu"] = proc_cpu_seconds(server.process.pid) - cpu0
+                result["server_idle_rss"] = base_rss
+            finally:
+                server.stop()
+                shutil.rmtree(data_dir, ignore_errors=True)
+            assert result["received"] == size_mb * MB and result["state"] in ("validating", "invalid"), result
+            result.update(size_mb=size_mb, http=http)
+            results.append(result)
     finally:
-        server.stop()
         archive.unlink()
-        shutil.rmtree(data_dir, ignore_errors=True)
-    assert result["received"] == size_mb * MB and result["state"] in ("validating", "invalid"), result
-    result["size_mb"] = size_mb
-    return result
+    return results
 
 
 # -- 2. polling ---------------------------------------------------------------------------------
@@ -224,34 +234,46 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--chunk-mb", type=int, default=16, help="upload chunk size (the client's default: 16)")
+    parser.add_argument("--repeat", type=int, default=3, help="upload runs per parser (the machine is shared)")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
     args = parser.parse_args()
 
+    # uvicorn picks httptools when it is installed, else its pure-Python parser (h11): measure both.
+    parsers = ["httptools", "h11"] if importlib.util.find_spec("httptools") else ["h11"]
+    parsers = [p for p in parsers for _ in range(args.repeat)]
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         work = Path(tmp)
-        upload = bench_upload(work, args.size_mb, args.chunk_mb)
+        uploads = bench_upload(work, args.size_mb, args.chunk_mb, parsers)
         polling = bench_polling(work, args.clients, args.seconds)
 
-    size = upload["size_mb"]
-    transfer = size / upload["upload_seconds"]
-    end_to_end = size / (upload["upload_seconds"] + upload["hash_seconds"])
+    size = args.size_mb
     lines = [
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other "
-        f"work), Python {platform.python_version()}, uvicorn with its pure-Python HTTP parser (h11); client and "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores shared with other "
+        f"work (load average {os.getloadavg()[0]:.1f} at the end), Python {platform.python_version()}; client and "
         "server in separate processes on 127.0.0.1. Script: `benchmarks/bench_server.py`.",
         "",
         f"### Upload of a {size} MB archive ({args.chunk_mb} MB chunks, CRC32 per chunk, SHA-256 of the whole "
         "file)",
         "",
-        "| measure | value | goal |",
-        "|---|---|---|",
-        f"| transfer throughput (chunks + complete) | {transfer:.0f} MB/s | >= 200 MB/s |",
-        f"| end to end incl. the client's hashing pass | {end_to_end:.0f} MB/s | |",
-        f"| server peak RSS (idle: {upload['server_idle_rss'] / MB:.0f} MB) | {upload['server_peak_rss'] / MB:.0f} MB "
-        "| < 200 MB |",
-        f"| client peak RSS | {upload['client_peak_rss'] / MB:.0f} MB | < 200 MB |",
+        "| run | uvicorn HTTP parser | transfer (chunks + complete) | end to end incl. client hashing | "
+        "server CPU per GB | server peak RSS (idle) | client peak RSS |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for index, up in enumerate(uploads, 1):
+        lines.append(
+            f"| {index} | {up['http']} | {size / up['upload_seconds']:.0f} MB/s | "
+            f"{size / (up['upload_seconds'] + up['hash_seconds']):.0f} MB/s | "
+            f"{up['server_cpu'] * 1024 / size:.1f} s | {up['server_peak_rss'] / MB:.0f} MB "
+            f"({up['server_idle_rss'] / MB:.0f} MB) | {up['client_peak_rss'] / MB:.0f} MB |")
+    best = uploads[0]
+    transfer = statistics.median(size / u["upload_seconds"] for u in uploads)
+    lines += [
+        "",
+        "Most of the server's resident memory is there before the first byte arrives: `autonnunet serve` "
+        "starts through the `autonnunet` command, whose other verbs import numpy and SimpleITK at start-up. "
+        "An upload adds only its in-flight blocks (1 MB, at most two at a time per chunk being received).",
         "",
         f"### Polling by {args.clients} concurrent clients ({args.seconds:.0f} s; each round = job status + "
         "a 16 KB log page)",
@@ -267,8 +289,11 @@ def main() -> None:
         "",
         f"Goal p99 < 50 ms at the realistic rate (each client polls once per second, as the Slicer module and "
         f"`follow_logs` do): {'met' if realistic['p99'] < 50 else 'NOT met'} ({realistic['p99']:.1f} ms). "
-        f"Upload goal >= 200 MB/s: {'met' if transfer >= 200 else 'NOT met'}; memory goal: "
-        f"{'met' if max(upload['server_peak_rss'], upload['client_peak_rss']) < 200 * MB else 'NOT met'}. "
+        f"Upload goal >= 200 MB/s: {'met' if transfer >= 200 else 'NOT met'} (median {transfer:.0f} MB/s; the "
+        "server needs the CPU time above per GB, split over its receiving thread and a hashing thread, so "
+        "the rate follows the CPU share left by other work on this machine); memory goal: "
+        f"{'met' if max(max(u['server_peak_rss'], u['client_peak_rss']) for u in uploads) < 200 * MB else 'NOT met'}"
+        f" (default parser: {best['http']}). "
         "Back to back shows where one server process saturates; the latencies there are queueing, not "
         "per-request cost.",
     ]
