@@ -1,0 +1,57 @@
+"""The demo's generated dataset: valid, two-channel, oblique, with both structures in every case."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import SimpleITK as sitk
+
+from AutoNNUNetLib.cli import build_parser
+from AutoNNUNetLib.dataset import build_dataset
+from AutoNNUNetLib.demo import DEMO_CLASSES, dice_scores, generate_case, generate_source
+from AutoNNUNetLib.workspace import Workspace
+
+
+def test_generated_cases_are_a_valid_two_channel_dataset(tmp_path):
+    workspace = Workspace(tmp_path)
+    folder = build_dataset(generate_source(n_cases=3), workspace, dataset_id=1, name="Demo")
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "T1", "1": "T2"}
+    assert meta["labels"] == DEMO_CLASSES
+    assert meta["numTraining"] == 3
+    channels, label = generate_case(1)
+    written = sitk.ReadImage(str(folder / "imagesTr" / "demo_001_0001.nii.gz"))
+    assert np.allclose(written.GetDirection(), label.geometry.direction)
+    assert np.allclose(written.GetSpacing(), label.geometry.spacing)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), channels[1].array)
+    written_label = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / "demo_001.nii.gz")))
+    np.testing.assert_array_equal(written_label, label.array)
+    assert set(np.unique(written_label)) == {0, 1, 2}
+
+
+def test_generation_is_deterministic_and_cases_differ():
+    a_channels, a_label = generate_case(5)
+    b_channels, b_label = generate_case(5)
+    _, c_label = generate_case(6)
+    np.testing.assert_array_equal(a_label.array, b_label.array)
+    np.testing.assert_array_equal(a_channels[0].array, b_channels[0].array)
+    assert not np.array_equal(a_label.array, c_label.array)
+
+
+def test_dice_scores():
+    truth = np.zeros((4, 4, 4), np.uint8)
+    truth[:2] = 1
+    truth[2:3] = 2
+    prediction = truth.copy()
+    prediction[0] = 0  # half of class 1 missed
+    scores = dice_scores(prediction, truth, DEMO_CLASSES)
+    assert scores["rim"] == 2 * 16 / (16 + 32)
+    assert scores["core"] == 1.0
+
+
+def test_every_pipeline_verb_is_registered():
+    parser = build_parser()
+    verbs = set(parser._subparsers._group_actions[0].choices)  # argparse keeps them here
+    assert {"dataset", "fingerprint", "train", "predict", "export-model", "import-model", "demo", "search",
+            "report"} <= verbs
