@@ -70,9 +70,11 @@ def make_archive(folder: Union[str, Path], dest: Union[str, Path]) -> Path:
     folder, dest = Path(folder), Path(dest)
     with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT, dereference=True) as archive:
         for path in sorted(folder.rglob("*")):
-            if path.name.startswith(".") or not (path.is_file() or path.is_dir()):
+            relative = path.relative_to(folder)
+            # Hidden files and folders (.DS_Store, .git, editor state) are not part of a dataset.
+            if any(part.startswith(".") for part in relative.parts) or not (path.is_file() or path.is_dir()):
                 continue
-            arcname = f"{folder.name}/{path.relative_to(folder).as_posix()}"
+            arcname = f"{folder.name}/{relative.as_posix()}"
             archive.add(path, arcname=arcname, recursive=False)
     return dest
 

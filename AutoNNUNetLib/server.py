@@ -51,7 +51,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, AsyncIterator, Iterator, Optional, Union
 
 from . import __version__
-from .events import read_events
+from .events import ProgressEvent, read_events
 from .jobs import (
     ARTIFACTS_DIR, EVENTS_NAME, LOG_NAME, MODEL_DIR_PREFIX, JobExit, JobSpec, LocalJob, PredictParams, ProgressTracker, SearchParams,
     SlurmOptions, Step, TrainParams, kill_process_group, read_exit, read_log, sha256_file,
@@ -687,6 +687,8 @@ class UploadService:
 
     def delete(self, user: str, upload_id: str, jobs: "JobQueue") -> None:
         record = self.own(user, upload_id)
+        if record.state == "validating":  # the validation thread is writing into its folder
+            raise ApiError(409, f"upload {upload_id} is being validated; delete it when that has ended")
         active = [j.id for j in self.store.jobs_using_upload(upload_id) if j.state not in FINAL_JOB_STATES]
         if active:
             raise ApiError(409, f"upload {upload_id} is used by unfinished job(s) {', '.join(active)}")
@@ -1055,6 +1057,25 @@ class JobQueue:
                        env={"AUTONNUNET_JOB_ID": job.id})
 
 
+def read_events_page(path: Path, offset: int, limit: int) -> tuple[list[Any], int]:
+    """Like :func:`events.read_events`, but reads at most ``limit`` bytes (long searches write
+    megabytes of events; a client pages through them). A line longer than ``limit`` is read whole."""
+    data, _ = read_log(path, offset, limit)
+    end = data.rfind(b"\n")
+    if end < 0 and len(data) == limit:  # one very long line: take it whole
+        return read_events(path, offset)
+    if end < 0:
+        return [], offset
+    events = []
+    for line in data[: end + 1].splitlines():
+        if line.strip():
+            try:
+                events.append(ProgressEvent.from_json(line.decode("utf-8")))
+            except (ValueError, KeyError):
+                continue
+    return events, offset + end + 1
+
+
 def _human(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(size) < 1024 or unit == "TB":
@@ -1293,10 +1314,11 @@ def create_app(settings: ServerSettings):  # -> fastapi.FastAPI (imported lazily
 
     @app.get(API_PREFIX + "/jobs/{job_id}/events", response_model=EventsChunk, tags=["jobs"])
     def job_events(job_id: str = job_id_param, offset: int = Query(0, ge=0, le=1 << 50),
+                   limit: int = Query(1 << 20, ge=1024, le=16 * MiB, description="bytes of events to read at most"),
                    user: str = Depends(current_user)) -> EventsChunk:
         job = server.queue.own(user, job_id)
         path = server.paths.job(job.id) / EVENTS_NAME
-        events, next_offset = read_events(path, offset)
+        events, next_offset = read_events_page(path, offset, limit)
         size = path.stat().st_size if path.exists() else 0
         return EventsChunk([{"kind": e.kind, "time": e.time, "data": e.data} for e in events], next_offset,
                            job.state in FINAL_JOB_STATES and next_offset >= size)
