@@ -1,0 +1,364 @@
+"""Segmenting volumes with a trained model: load once, predict many, arrays in and out.
+
+:class:`Predictor` wraps nnU-Net's ``nnUNetPredictor``, built once per model, and feeds it through
+nnU-Net's in-memory path: the same preprocessing, sliding-window inference (Gaussian-weighted tiles,
+optional mirroring) and export to the original grid that ``nnUNetv2_predict`` runs, minus what
+makes the command slow per volume: process start, model loading, file round trips, and the spawned
+preprocessing and export worker pools. Label maps are therefore the ones ``nnUNetv2_predict``
+writes for the same model, folds and mirroring setting (the tests check equality voxel by voxel).
+
+Inputs are :class:`~AutoNNUNetLib.dataset.Volume` objects, one per channel in the model's channel
+order, each a numpy array in SimpleITK order ``(z, y, x)`` with its geometry. nnU-Net's
+``SimpleITKIO`` reads files into exactly that layout and reverses SimpleITK's ``(x, y, z)`` spacing
+to match the array, which is what :meth:`Predictor.predict` does for in-memory arrays. The result
+is a label map on the input's grid: same shape, spacing, origin and direction.
+
+Example::
+
+    from AutoNNUNetLib.dataset import Volume
+    from AutoNNUNetLib.inference import Predictor
+
+    predictor = Predictor("models/nnUNetTrainer__nnUNetPlans__3d_fullres", device="auto")
+    labels = predictor.predict([Volume.read("case_0000.nii.gz")])
+    labels.write("case_seg.nii.gz")
+
+Scripts that predict need an ``if __name__ == "__main__":`` guard: nnU-Net modules start worker
+processes with ``spawn`` in places, and those re-import the calling script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+import numpy as np
+
+from .events import ProgressCallback, ProgressEvent
+from .model import CHECKPOINT_NAME, available_folds
+
+if TYPE_CHECKING:  # pragma: no cover - typing only; dataset imports SimpleITK at module level
+    from .dataset import Volume
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+#: nnU-Net readers whose array layout is SimpleITK's; in-memory input follows the same convention.
+_SITK_READERS = ("SimpleITKIO",)
+
+
+class PredictionError(ValueError):
+    """The model folder or the input volumes cannot be used for prediction."""
+
+
+class Predictor:
+    """A trained nnU-Net model loaded once, ready to segment many volumes.
+
+    Args:
+        model_dir: a model folder in nnU-Net's results layout (``plans.json``, ``dataset.json``,
+            ``fold_N/<checkpoint>``), e.g. one written by :func:`AutoNNUNetLib.trainer.train` or
+            :func:`AutoNNUNetLib.model.import_model`.
+        folds: folds to ensemble (their softmax outputs are averaged); default all present.
+        device: ``auto`` (CUDA, then MPS, then CPU), ``cuda``, ``cuda:N``, ``mps`` or ``cpu``.
+        use_mirroring: test-time augmentation by mirroring along the axes the model was trained
+            to be invariant to (``nnUNetv2_predict`` does this unless ``--disable_tta``): more
+            robust, 2**axes times slower.
+        checkpoint: checkpoint file name inside each fold folder.
+        largest_component: keep only the largest connected component of each class (the rest
+            becomes background), nnU-Net's own post-processing operation applied per class
+            (voxels touching at faces, edges or corners are connected).
+        tile_step_size: sliding-window step as a fraction of the patch size (nnU-Net's 0.5).
+    """
+
+    def __init__(
+        self,
+        model_dir: PathLike,
+        folds: Optional[Sequence[Union[int, str]]] = None,
+        device: Union[str, Any] = "auto",
+        use_mirroring: bool = False,
+        checkpoint: str = CHECKPOINT_NAME,
+        largest_component: bool = False,
+        tile_step_size: float = 0.5,
+    ) -> None:
+        from .workspace import resolve_device
+
+        self.model_dir = Path(model_dir)
+        for name in ("plans.json", "dataset.json"):
+            if not (self.model_dir / name).is_file():
+                raise PredictionError(f"{self.model_dir / name}: missing; {self.model_dir} is not a model folder")
+        present = available_folds(self.model_dir, checkpoint)
+        if folds is None:
+            folds = present
+            if not folds:
+                raise PredictionError(f"{self.model_dir}: no fold_N/{checkpoint} found")
+        else:
+            folds = [f if f == "all" else int(f) for f in folds]
+            missing = [f for f in folds if f not in present]
+            if missing:
+                raise PredictionError(
+                    f"{self.model_dir}: fold(s) {missing} have no {checkpoint} (present: {present or 'none'})"
+                )
+        self.folds: list[Union[int, str]] = list(folds)
+        self.checkpoint = checkpoint
+        self.use_mirroring = bool(use_mirroring)
+        self.largest_component = bool(largest_component)
+        self.device = resolve_device(device)
+
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        # nnU-Net announces its device handling on stdout; keep a library call quiet.
+        with contextlib.redirect_stdout(io.StringIO()):
+            predictor = nnUNetPredictor(
+                tile_step_size=tile_step_size,
+                use_gaussian=True,
+                use_mirroring=self.use_mirroring,
+                # Keeping logits on the GPU saves transfers; nnU-Net supports it on CUDA only.
+                perform_everything_on_device=self.device.type == "cuda",
+                device=self.device,
+                verbose=False,
+                verbose_preprocessing=False,
+                allow_tqdm=False,
+            )
+            predictor.initialize_from_trained_model_folder(
+                str(self.model_dir), use_folds=tuple(self.folds), checkpoint_name=checkpoint
+            )
+        self._predictor = predictor
+        self.dataset_json: dict = predictor.dataset_json
+        self.plans: dict = predictor.plans_manager.plans
+        self.channel_names: list[str] = [
+            str(self.dataset_json["channel_names"][k])
+            for k in sorted(self.dataset_json["channel_names"], key=lambda key: int(key))
+        ]
+        self.labels: dict[str, Any] = dict(self.dataset_json["labels"])
+        reader = self.plans.get("image_reader_writer", "SimpleITKIO")
+        if reader not in _SITK_READERS:
+            logger.warning(
+                "%s was trained on images read by %s; in-memory input follows SimpleITK's array layout, "
+                "which may differ from that reader's", self.model_dir, reader,
+            )
+
+    # ----------------------------------------------------------------------------------------------
+
+    @property
+    def network(self):
+        """The ``torch.nn.Module`` in use (weights of the first fold unless several are ensembled)."""
+        return self._predictor.network
+
+    @property
+    def nnunet_predictor(self):
+        """The underlying ``nnUNetPredictor`` (for benchmarks and power users)."""
+        return self._predictor
+
+    def predict(self, channels: Sequence["Volume"]) -> "Volume":
+        """Segment one case given as one :class:`Volume` per channel (the model's channel order).
+
+        Returns a label map (``uint8``, or ``uint16`` beyond 254 classes) with the same array
+        shape and the same geometry object as the first channel.
+        """
+        from .dataset import Volume
+
+        image, properties = self._prepare(channels)
+        segmentation = self._segment(image, properties)
+        if channels[0].array.ndim == 2:
+            segmentation = segmentation[0]  # nnU-Net treats a 2D image as one slice of a 3D stack
+        return Volume(segmentation, channels[0].geometry)
+
+    def predict_file(self, inputs: Sequence[PathLike], output: PathLike) -> Path:
+        """Segment one case from image files (one per channel); write the label map to ``output``."""
+        from .dataset import Volume
+
+        paths = [Path(p) for p in inputs]
+        for path in paths:
+            if not path.is_file():
+                raise PredictionError(f"{path}: no such file")
+        volumes = [Volume.read(path) for path in paths]
+        return self.predict(volumes).write(output)
+
+    def predict_folder(
+        self,
+        input_dir: PathLike,
+        output_dir: PathLike,
+        progress: Optional[ProgressCallback] = None,
+    ) -> list[Path]:
+        """Segment every case of a folder in nnU-Net naming (``<case>_0000<ending>``, ...).
+
+        Each label map is written as ``output_dir/<case><ending>``. Returns the written paths.
+        """
+        ending = str(self.dataset_json.get("file_ending", ".nii.gz"))
+        cases = find_cases(input_dir, ending, len(self.channel_names))
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for index, (case_id, files) in enumerate(cases.items()):
+            start = time.perf_counter()
+            written.append(self.predict_file(files, output_dir / f"{case_id}{ending}"))
+            if progress is not None:
+                progress(
+                    ProgressEvent(
+                        "progress",
+                        {
+                            "fraction": (index + 1) / len(cases),
+                            "message": f"segmented {case_id}",
+                            "seconds": time.perf_counter() - start,
+                        },
+                    )
+                )
+        return written
+
+    def warmup(self) -> None:
+        """Run one patch through the network so the first real call does not pay lazy set-up."""
+        import torch
+
+        patch = [int(v) for v in self._predictor.configuration_manager.patch_size]
+        x = torch.zeros((1, len(self.channel_names), *patch), device=self.device)
+        with torch.inference_mode():
+            self._predictor.network.to(self.device).eval()(x)
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _prepare(self, channels: Sequence["Volume"]) -> tuple[np.ndarray, dict]:
+        """Stack the channels the way ``SimpleITKIO.read_images`` does; check they fit together."""
+        if len(channels) != len(self.channel_names):
+            raise PredictionError(
+                f"the model expects {len(self.channel_names)} channel(s) ({', '.join(self.channel_names)}), "
+                f"got {len(channels)}"
+            )
+        first = channels[0]
+        if first.array.ndim not in (2, 3):
+            raise PredictionError(f"channel 0: expected a 2D or 3D array, got shape {first.array.shape}")
+        for index, volume in enumerate(channels[1:], start=1):
+            if volume.array.shape != first.array.shape:
+                raise PredictionError(
+                    f"channel {index} ({self.channel_names[index]}): shape {volume.array.shape} differs from "
+                    f"channel 0's {first.array.shape}"
+                )
+            if not volume.geometry.close_to(first.geometry):
+                differences = "; ".join(volume.geometry.differences(first.geometry))
+                raise PredictionError(f"channel {index} ({self.channel_names[index]}): grid differs from channel 0: {differences}")
+        if first.array.ndim == 2 and len(self._predictor.configuration_manager.patch_size) == 3:
+            raise PredictionError("this is a 3D model; it cannot segment a 2D image (give a 3D volume)")
+        image = np.stack([np.asarray(v.array) for v in channels]).astype(np.float32, copy=False)
+        if not np.all(np.isfinite(image)):
+            raise PredictionError("the input contains NaN or infinite values")
+        spacing = [abs(float(s)) for s in first.geometry.spacing[::-1]]  # (x, y, z) -> array order
+        if first.array.ndim == 2:
+            # SimpleITKIO's 2D convention: a single slice with a huge spacing across it.
+            image = image[:, None]
+            spacing = [max(spacing) * 999, *spacing]
+        return image, {"spacing": spacing}
+
+    def _segment(self, image: np.ndarray, properties: dict) -> np.ndarray:
+        """nnU-Net's ``predict_single_npy_array``, without re-loading unchanged weights per call."""
+        import torch
+        from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+        predictor = self._predictor
+        adapter = PreprocessAdapterFromNpy(
+            [image], [None], [properties], [None],
+            predictor.plans_manager, predictor.dataset_json, predictor.configuration_manager,
+            num_threads_in_multithreaded=1, verbose=False,
+        )
+        item = next(adapter)  # preprocessing runs here, in this process
+        if len(predictor.list_of_parameters) == 1:
+            # The single fold's weights are already in the network; nnU-Net's general path would
+            # load the state dict again for every volume.
+            logits = predictor.predict_sliding_window_return_logits(item["data"]).to("cpu")
+        else:
+            logits = predictor.predict_logits_from_preprocessed_data(item["data"]).cpu()
+        segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager,
+            item["data_properties"], return_probabilities=False,
+            # nnU-Net's default here is 8 threads whatever the machine; stay with the process setting.
+            num_threads_torch=torch.get_num_threads(),
+        )
+        if self.largest_component:
+            segmentation = self._keep_largest_components(segmentation)
+        return np.asarray(segmentation)
+
+    def _keep_largest_components(self, segmentation: np.ndarray) -> np.ndarray:
+        from nnunetv2.postprocessing.remove_connected_components import (
+            remove_all_but_largest_component_from_segmentation,
+        )
+
+        for label in self._predictor.label_manager.foreground_labels:
+            if np.any(segmentation == label):
+                segmentation = remove_all_but_largest_component_from_segmentation(segmentation, int(label))
+        return segmentation
+
+
+def find_cases(input_dir: PathLike, file_ending: str, n_channels: int) -> dict[str, list[Path]]:
+    """Group ``<case>_XXXX<ending>`` files of a folder by case; every case needs every channel."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise PredictionError(f"{input_dir}: no such folder")
+    pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(file_ending) + r"$")
+    found: dict[str, dict[int, Path]] = {}
+    for path in sorted(input_dir.iterdir()):
+        match = pattern.match(path.name)
+        if match and path.is_file():
+            found.setdefault(match.group("case"), {})[int(match.group("channel"))] = path
+    if not found:
+        raise PredictionError(f"{input_dir}: no images named <case>_0000{file_ending}")
+    cases: dict[str, list[Path]] = {}
+    for case_id, files in sorted(found.items()):
+        missing = [c for c in range(n_channels) if c not in files]
+        if missing:
+            names = ", ".join(f"{case_id}_{c:04d}{file_ending}" for c in missing)
+            raise PredictionError(f"{input_dir}: case {case_id} lacks {names}")
+        cases[case_id] = [files[c] for c in range(n_channels)]
+    return cases
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="segment images with a trained model",
+        description="Segment one case (-i one file per channel, -o the label map file) or a folder of cases "
+        "in nnU-Net naming (-i FOLDER with <case>_0000.nii.gz ..., -o an output folder).",
+    )
+    parser.add_argument("--model", required=True, type=Path, help="model folder (nnU-Net results layout)")
+    parser.add_argument("-i", "--input", dest="inputs", nargs="+", required=True, type=Path, help="images or a folder")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="label map file or output folder")
+    parser.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
+    parser.add_argument("--mirroring", action="store_true", help="test-time augmentation by mirroring (slower)")
+    parser.add_argument("--largest-component", action="store_true", help="keep the largest component per class")
+    parser.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: all present)")
+    parser.add_argument("--checkpoint", default=CHECKPOINT_NAME, help=f"checkpoint name (default {CHECKPOINT_NAME})")
+    parser.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    folds = None
+    if args.folds is not None:
+        try:
+            folds = [f if f == "all" else int(f) for f in args.folds]
+        except ValueError as error:
+            raise PredictionError(f"--folds takes integers or 'all', got {args.folds}") from error
+    folder_mode = len(args.inputs) == 1 and args.inputs[0].is_dir()
+    start = time.perf_counter()
+    predictor = Predictor(
+        args.model, folds=folds, device=args.device, use_mirroring=args.mirroring,
+        checkpoint=args.checkpoint, largest_component=args.largest_component,
+    )
+    logger.info("model loaded in %.1f s (folds %s, device %s)", time.perf_counter() - start, predictor.folds,
+                predictor.device)
+    if folder_mode:
+        written = predictor.predict_folder(
+            args.inputs[0], args.output,
+            progress=lambda event: logger.info("%s (%.2f s)", event.data["message"], event.data["seconds"]),
+        )
+        print(json.dumps([str(p) for p in written]))
+    else:
+        print(predictor.predict_file(args.inputs, args.output))
+    return 0
