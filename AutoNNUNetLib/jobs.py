@@ -60,6 +60,9 @@ MODEL_DIR_PREFIX = "@model_dir:"
 
 #: Seconds a cancelled job gets between SIGTERM and SIGKILL (time to write its last checkpoint line).
 CANCEL_GRACE_SECONDS = 10.0
+#: The server runs on Linux; local jobs (the Slicer module) may run on Windows, where a process
+#: group is a console group and the tree is ended with ``taskkill /T``.
+IS_WINDOWS = os.name == "nt"
 
 
 class JobError(RuntimeError):
@@ -397,6 +400,8 @@ def process_group_members(pgid: int) -> list[int]:
     """Pids whose process group is ``pgid`` (zombies included: they are not gone yet)."""
     members = []
     proc = Path("/proc")
+    if IS_WINDOWS:  # no process groups to list; the leader stands for its tree
+        return [pgid] if _pid_alive(pgid) else []
     if not proc.is_dir():
         try:
             os.killpg(pgid, 0)
@@ -418,6 +423,8 @@ def process_group_members(pgid: int) -> list[int]:
 
 
 def _pid_alive(pid: int) -> bool:
+    if IS_WINDOWS:
+        return _windows_pid_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -432,6 +439,31 @@ def _pid_alive(pid: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    # os.kill(pid, 0) would terminate the process on Windows; ask the kernel instead.
+    import ctypes
+
+    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return False
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def _signal_group(pgid: int, hard: bool) -> None:
+    """SIGTERM (or SIGKILL with ``hard``) to the group; on Windows end the whole tree at once."""
+    if IS_WINDOWS:
+        subprocess.call(["taskkill", "/T", "/F", "/PID", str(pgid)], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL if hard else signal.SIGTERM)
 
 
 def _is_supervisor_of(pid: int, job_dir: Path) -> bool:
@@ -458,11 +490,8 @@ def kill_process_group(pgid: int, grace: float = CANCEL_GRACE_SECONDS,
             reap()
         return not process_group_members(pgid)
 
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            pass
+    for hard, wait in ((False, grace), (True, 10.0)):
+        _signal_group(pgid, hard)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if gone():
@@ -501,6 +530,8 @@ class LocalJob:
         self.pid = pid  # also the process group id: the supervisor leads its own session
         self._process = process
         self.tracker = ProgressTracker(self.job_dir / EVENTS_NAME)
+        self._kill_deadline: Optional[float] = None
+        self._cancelled = False
 
     @property
     def log_path(self) -> Path:
@@ -528,10 +559,14 @@ class LocalJob:
             if banner:
                 log.write(f"\n=== {banner} ===\n".encode())
                 log.flush()
+            # Own session (process group) so cancelling reaches the whole tree and never the caller.
+            group: dict[str, Any] = (
+                {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if IS_WINDOWS  # type: ignore[attr-defined]
+                else {"start_new_session": True})
             process = subprocess.Popen(
                 [spec.python, "-m", "AutoNNUNetLib.jobs", "supervise", str(job_dir)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=run_env, cwd=str(job_dir), start_new_session=True,
+                env=run_env, cwd=str(job_dir), **group,
             )
         return cls(job_dir, process.pid, process)
 
@@ -550,13 +585,25 @@ class LocalJob:
 
     def poll(self) -> Optional[JobExit]:
         """None while running; then how it ended (from ``exit.json``; a supervisor that died
-        without writing it, e.g. killed with SIGKILL, counts as failed)."""
-        if self.running():
+        without writing it, e.g. killed with SIGKILL, counts as failed).
+
+        Also finishes a :meth:`request_cancel`: SIGKILL to what is left of the tree once the
+        grace period is over, or at once when the supervisor has already ended.
+        """
+        alive = self.running()
+        if self._kill_deadline is not None and (not alive or time.monotonic() > self._kill_deadline):
+            if process_group_members(self.pid):
+                _signal_group(self.pid, hard=True)
+            if not alive:
+                self._kill_deadline = None
+        if alive:
             return None
         ended = read_exit(self.job_dir)
         if ended is not None:
             return ended
         code = self._process.returncode if self._process is not None else None
+        if self._cancelled:  # killed before it could record its end
+            return JobExit("cancelled", code, "cancelled")
         return JobExit("failed", code, f"the job's supervisor died unexpectedly (exit code {code})")
 
     def wait(self, timeout: Optional[float] = None) -> Optional[JobExit]:
@@ -568,9 +615,17 @@ class LocalJob:
             time.sleep(0.1)
 
     def cancel(self, grace: float = CANCEL_GRACE_SECONDS) -> bool:
-        """Terminate the whole process tree; True when no process of the group is left."""
+        """Terminate the whole process tree and wait; True when no process of the group is left."""
+        self._cancelled = True
         reap = (lambda: self._process.poll()) if self._process is not None else None
         return kill_process_group(self.pid, grace=grace, reap=reap)
+
+    def request_cancel(self, grace: float = CANCEL_GRACE_SECONDS) -> None:
+        """Non-blocking cancel for a UI thread: SIGTERM to the tree now; later :meth:`poll` calls
+        send SIGKILL to whatever is left after ``grace`` seconds."""
+        self._cancelled = True
+        _signal_group(self.pid, hard=False)
+        self._kill_deadline = time.monotonic() + grace
 
     def group_members(self) -> list[int]:
         return process_group_members(self.pid)
@@ -624,8 +679,9 @@ class Supervisor:
                 child.send_signal(signum)
 
     def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
+        for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGBREAK"):  # the last two exist on POSIX / Windows only
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), self._on_signal)
         print(f"[autonnunet job] supervisor pid {os.getpid()} in {self.dir}", flush=True)
         try:
             for step in self.spec.steps:
@@ -675,7 +731,11 @@ class Supervisor:
         if path is None:
             yield
             return
-        import fcntl  # POSIX only; the server runs on Linux
+        try:
+            import fcntl  # POSIX; only the server's shared preparation steps use locks
+        except ImportError:
+            yield
+            return
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as handle:

@@ -242,3 +242,16 @@ def test_submitit_local_executor_runs_remote_steps(tmp_path):
     assert out.read_text() == "ok"
     log = (tmp_path / "job" / "log.txt").read_text()
     assert "submitted local jobs" in log and "worker output" in log
+
+
+def test_request_cancel_does_not_block_and_poll_finishes_the_kill(tmp_path):
+    """The UI-thread variant: returns at once; polling escalates to SIGKILL after the grace period."""
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"
+    job = LocalJob.start(JobSpec(job_dir=str(tmp_path / "job"), steps=[py_step("stubborn", code)]))
+    _wait_for(lambda: "ready" in job.log_path.read_text())
+    started = time.monotonic()
+    job.request_cancel(grace=0.5)
+    assert time.monotonic() - started < 0.5
+    ended = _wait_for(job.poll, timeout=20)
+    _wait_for(lambda: job.poll() is not None and job.group_members() == [], timeout=20)
+    assert ended.state == "cancelled"
