@@ -155,6 +155,13 @@ class TrainParams:
         if self.max_epochs is not None:
             _check(self.max_epochs >= self.epochs, "max_epochs must be at least epochs")
         _folds_argv(self.folds)
+        if self.config is not None:  # refuse a bad configuration now, not after queueing and planning
+            from .config import TrialConfig
+
+            try:
+                TrialConfig.from_dict(self.config).validate()
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"config: {error}") from None
 
     def to_argv(self, workdir: Union[str, Path], output: Union[str, Path],
                 config_file: Optional[Union[str, Path]] = None) -> list[str]:

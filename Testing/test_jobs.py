@@ -71,6 +71,11 @@ def test_params_reject_bad_values_and_unknown_keys():
         TrainParams(upload_id="u", folds=[7])
     with pytest.raises(ValueError, match="exactly one"):
         PredictParams(images_upload_id="u")
+    with pytest.raises(ValueError, match="config: unknown TrialConfig fields: learning_rate"):
+        TrainParams(upload_id="u", config={"learning_rate": 0.1})
+    with pytest.raises(ValueError, match="config:"):
+        TrainParams(upload_id="u", config={"optimizer": "Lion"})
+    assert TrainParams(upload_id="u", config={"optimizer": "Adam"}).config == {"optimizer": "Adam"}
     with pytest.raises(ValueError, match="unknown search parameter"):
         params_from_dict("search", {"upload_id": "u", "max_epoch": 3})
     train = TrainParams(upload_id="u", epochs=5, folds=[0, 1], iterations_per_epoch=4)
