@@ -44,6 +44,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
@@ -832,18 +833,26 @@ def run_worker(
 
     stop.install()
     try:
-        neps.run(
-            evaluate_pipeline=runner,
-            pipeline_space=make_space(settings, workspace),
-            root_directory=str(neps_root(root)),
-            optimizer=make_optimizer(settings),
-            total_cost_to_spend=settings.effective_total_epochs(),
-            total_evaluations_to_spend=settings.max_trials,
-            ignore_errors=True,  # a failing configuration is recorded; the search goes on
-            worker_id=worker_id,
-        )
+        with warnings.catch_warnings():
+            # With only a wall-clock budget NePS warns it would run forever; our deadline stops it.
+            warnings.filterwarnings("ignore", message="None of the following were set")
+            neps.run(
+                evaluate_pipeline=runner,
+                pipeline_space=make_space(settings, workspace),
+                root_directory=str(neps_root(root)),
+                optimizer=make_optimizer(settings),
+                total_cost_to_spend=settings.effective_total_epochs(),
+                total_evaluations_to_spend=settings.max_trials,
+                ignore_errors=True,  # a failing configuration is recorded; the search goes on
+                worker_id=worker_id,
+            )
         return "finished"
     except SearchStopped as stopped:
+        # NePS marks "a trial is running in this process" without try/finally; unwinding through
+        # it leaves the mark set and the next neps.run in this process would refuse to start.
+        import neps.runtime
+
+        neps.runtime._CURRENTLY_RUNNING_TRIAL_IN_PROCESS = None
         reset = _reset_own_trials(root, worker_id, str(stopped))
         runner.emit(ProgressEvent("stage", {
             "name": "search", "message": f"worker {worker_id} stopped ({stopped}); "

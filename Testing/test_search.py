@@ -82,7 +82,7 @@ def _neps_states(root: Path) -> dict[str, str]:
 def searched(hippo_workspace, tmp_path_factory):
     """Regularized PriorBand, eta 2 over 1..4 epochs: one full bracket = 4 + 2 + 1 trials."""
     root = tmp_path_factory.mktemp("search") / "root"
-    settings = _settings(min_epochs=1, max_epochs=4, eta=2, iterations_per_epoch=2, max_validation_cases=2,
+    settings = _settings(min_epochs=1, max_epochs=4, eta=2, iterations_per_epoch=1, max_validation_cases=1,
                          max_trials=7)
     seen = []
     results = run_search(hippo_workspace, root, settings, progress=seen.append)
@@ -184,6 +184,20 @@ def test_report(searched, tmp_path):
         assert name in html
 
 
+def test_final_retraining_on_chosen_folds(searched):
+    from AutoNNUNetLib.search import retrain_incumbent
+
+    root, results, _ = searched
+    final = retrain_incumbent(root, folds=[1]).final
+    assert final["trial_id"] == results.incumbent and final["folds"] == [1]
+    model = Path(final["model_dir"])
+    assert model.parent == root / "final" and (model / "fold_1" / "checkpoint_final.pth").is_file()
+    record = json.loads((model / "autonnunet.json").read_text())
+    assert record["epochs"] == record["max_epochs"] == 4  # full fidelity
+    assert record["config"] == results.best.config
+    assert load_results(root).final == final
+
+
 def test_rerun_of_a_spent_search_trains_nothing(searched):
     from AutoNNUNetLib.cli import main
 
@@ -199,8 +213,8 @@ def test_changing_what_is_searched_is_refused(searched, hippo_workspace):
 
     root, _, _ = searched
     with pytest.raises(SearchError, match="eta"):
-        run_search(hippo_workspace, root, _settings(min_epochs=1, max_epochs=4, eta=3, iterations_per_epoch=2,
-                                                   max_validation_cases=2, max_trials=7))
+        run_search(hippo_workspace, root, _settings(min_epochs=1, max_epochs=4, eta=3, iterations_per_epoch=1,
+                                                   max_validation_cases=1, max_trials=7))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,3 +357,10 @@ def test_wall_clock_limit_requeues_the_running_trial(hippo_workspace, tmp_path):
     assert "pending" in states.values()  # the trial cut by the limit waits for the next run
     events, _ = _events(root)
     assert any("wall-clock limit" in str(e.data.get("message", "")) for e in events)
+
+    # Resume in the same process (as a job server would) with one more trial of budget: the cut
+    # trial is trained first.
+    cut = [trial_id for trial_id, state in states.items() if state == "pending"]
+    done = len(states) - len(cut)
+    results = run_search(hippo_workspace, root, _settings(wall_time=600.0, max_trials=done + 1))
+    assert results.trial(cut[0]).state == "success"
