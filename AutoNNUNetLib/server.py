@@ -54,7 +54,7 @@ from . import __version__
 from .events import ProgressEvent, read_events
 from .jobs import (
     ARTIFACTS_DIR, EVENTS_NAME, LOG_NAME, MODEL_DIR_PREFIX, JobExit, JobSpec, LocalJob, PredictParams, ProgressTracker, SearchParams,
-    SlurmOptions, Step, TrainParams, kill_process_group, read_exit, read_log, sha256_file,
+    SlurmOptions, Step, TrainParams, kill_process_group, process_group_members, read_exit, read_log, sha256_file,
 )
 from .store import FINAL_JOB_STATES, Artifact, IdempotencyConflict, JobRecord, Store, UploadRecord
 
@@ -848,7 +848,9 @@ class JobQueue:
 
     def _interrupted(self, job: JobRecord) -> None:
         """The job's processes are gone without an end record (server and job were killed)."""
-        if job.pid and kill_process_group(job.pid, grace=2.0) is False:
+        # Workers may outlive a supervisor that was killed alone; end them before re-running,
+        # but only if the group still is this job's (pids get reused after a reboot).
+        if job.pid and _group_runs_job(job.pid, job.id) and kill_process_group(job.pid, grace=2.0) is False:
             log.warning("job %s: processes of group %s survive SIGKILL", job.id, job.pid)
         if job.cancel_requested:
             self._finish(job, JobExit("cancelled", None, "cancelled"))
@@ -926,7 +928,7 @@ class JobQueue:
         # Kill outside the queue lock: status polling and other jobs go on during the grace period.
         if handle is not None:
             handle.cancel()
-        elif job.pid:
+        elif job.pid and _group_runs_job(job.pid, job.id):
             kill_process_group(job.pid)
         with self.lock:
             current = self.store.get_job(job.id)
@@ -1074,6 +1076,19 @@ def read_events_page(path: Path, offset: int, limit: int) -> tuple[list[Any], in
             except (ValueError, KeyError):
                 continue
     return events, offset + end + 1
+
+
+def _group_runs_job(pgid: int, job_id: str) -> bool:
+    """Whether a process of group ``pgid`` carries this job's ``AUTONNUNET_JOB_ID`` (every
+    process a job's steps start inherits it)."""
+    marker = f"AUTONNUNET_JOB_ID={job_id}".encode()
+    for pid in process_group_members(pgid):
+        try:
+            if marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _human(size: float) -> str:
