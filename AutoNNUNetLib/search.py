@@ -512,6 +512,18 @@ def _neps_state(root: Path):
     return NePSState.create_or_load(path=neps_root(root), load_only=True)
 
 
+def _read_trials(state: Any) -> dict[str, Any]:
+    """All trials of a NePS state.
+
+    NePS 0.17 deletes its trial cache when a trial is reset, and the next read rebuilds the cache
+    but returns no trials; read again in that case (and so leave a warm cache for NePS itself).
+    """
+    trials = state.lock_and_read_trials()
+    if not trials and any(p.name.startswith("config_") for p in (state.path / "configs").glob("config_*")):
+        trials = state.lock_and_read_trials()
+    return trials
+
+
 def _read_attempts(trial_dir: Path) -> int:
     try:
         return int((trial_dir / ATTEMPTS_NAME).read_text().strip() or 0)
@@ -551,7 +563,7 @@ def recover_abandoned_trials(
     with _file_lock(root / ".recovery.lock"):
         state = _neps_state(root)
         now = time.time()
-        for trial in state.lock_and_read_trials().values():
+        for trial in _read_trials(state).values():
             if str(trial.metadata.state) != "evaluating" or not _is_abandoned(trial, stale_after, now):
                 continue
             trial_dir = Path(trial.metadata.location)
@@ -577,6 +589,8 @@ def recover_abandoned_trials(
                     "message": f"trial {trial.id} abandoned by a dead worker: {actions[-1][1]}",
                     **({"error": error} if actions[-1][1] == "failed" else {}),
                 }))
+        if actions:
+            _read_trials(state)  # rebuild NePS's trial cache now (see _read_trials)
     return actions
 
 
@@ -584,7 +598,7 @@ def _reset_own_trials(root: Path, worker_id: str, reason: str) -> list[str]:
     """Return this worker's in-flight trials to pending (graceful stop)."""
     state = _neps_state(root)
     reset = []
-    for trial in state.lock_and_read_trials().values():
+    for trial in _read_trials(state).values():
         if str(trial.metadata.state) == "evaluating" and trial.metadata.evaluating_worker_id == worker_id:
             state.lock_and_reset_trial_by_id(trial.id)
             trial_dir = Path(trial.metadata.location)
@@ -593,6 +607,8 @@ def _reset_own_trials(root: Path, worker_id: str, reason: str) -> list[str]:
             (trial_dir / ATTEMPTS_NAME).write_text(str(attempts))
             _update_trial_record(trial_dir, state="pending", error=f"interrupted ({reason}); will be retrained")
             reset.append(trial.id)
+    if reset:
+        _read_trials(state)  # rebuild NePS's trial cache now (see _read_trials)
     return reset
 
 
@@ -889,7 +905,7 @@ def collect_results(root: Union[str, Path], *, state: str = "running") -> Search
     if (neps_root(root) / "optimizer_info.yaml").is_file():
         neps_state = _neps_state(root)
         space = neps_state.lock_and_get_search_space()
-        for trial_id, trial in neps_state.lock_and_read_trials().items():
+        for trial_id, trial in _read_trials(neps_state).items():
             records.append(_record_from_trial(trial_id, trial, space))
     records.sort(key=lambda r: (r.config_id, r.rung if r.rung is not None else -1))
     successes = [r for r in records if r.state == "success" and r.mean_dice is not None]
@@ -1280,9 +1296,12 @@ def _run_submitit(payload: dict, settings: SearchSettings, root: Path, stop_requ
 
 def retrain_incumbent(
     root: Union[str, Path], *, folds: Sequence[int] = (0, 1, 2, 3, 4),
-    progress: Optional[ProgressCallback] = None,
+    progress: Optional[ProgressCallback] = None, max_validation_cases: Optional[int] = None,
 ) -> SearchResults:
-    """Train the incumbent configuration at ``max_epochs`` on ``folds`` into ``ROOT/final/``."""
+    """Train the incumbent configuration at ``max_epochs`` on ``folds`` into ``ROOT/final/``.
+
+    Validation uses every validation case of each fold unless ``max_validation_cases`` is given.
+    """
     from .trainer import model_dir_name, train
 
     root = Path(root)
@@ -1299,6 +1318,7 @@ def retrain_incumbent(
     result = train(workspace, config, target, folds=list(folds), epochs=settings.max_epochs,
                    max_epochs=settings.max_epochs, iterations_per_epoch=settings.iterations_per_epoch,
                    device=settings.device, seed=settings.seed, configuration=settings.configuration,
+                   max_validation_cases=max_validation_cases,
                    progress=lambda e: emit(ProgressEvent(e.kind, {**e.data, "trial": "final"}, e.time)))
     final = {"trial_id": best.trial_id, "folds": list(folds), "mean_dice": _finite(result.mean_dice),
              "dice_per_class": result.dice_per_class, "train_seconds": result.train_seconds,

@@ -70,8 +70,10 @@ def _wait_for(root: Path, predicate, offset: int, process: subprocess.Popen, tim
 def _neps_states(root: Path) -> dict[str, str]:
     from neps.state import NePSState
 
+    from AutoNNUNetLib.search import _read_trials
+
     state = NePSState.create_or_load(path=neps_root(root), load_only=True)
-    return {trial_id: str(trial.metadata.state) for trial_id, trial in state.lock_and_read_trials().items()}
+    return {trial_id: str(trial.metadata.state) for trial_id, trial in _read_trials(state).items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +190,7 @@ def test_final_retraining_on_chosen_folds(searched):
     from AutoNNUNetLib.search import retrain_incumbent
 
     root, results, _ = searched
-    final = retrain_incumbent(root, folds=[1]).final
+    final = retrain_incumbent(root, folds=[1], max_validation_cases=1).final
     assert final["trial_id"] == results.incumbent and final["folds"] == [1]
     model = Path(final["model_dir"])
     assert model.parent == root / "final" and (model / "fold_1" / "checkpoint_final.pth").is_file()

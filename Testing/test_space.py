@@ -199,7 +199,7 @@ def test_random_samples_build_and_train(name, hippo_workspace):
     torch.manual_seed(0)
     seen = set()
     # HPO samples all share the planned network, so a few suffice; NAS/HNAS samples vary it.
-    n_samples = 6 if name == "hpo" else 20
+    n_samples = 6 if name == "hpo" else 14
     for i in range(n_samples):
         if i == 0:  # the prior itself
             config = config_from_neps(space, neps_config_from_trial(

@@ -13,7 +13,7 @@ Reported: best validation Dice over time, final Dice (the search's incumbent: be
 fidelity reached; and best at any fidelity), the time to reach the default's final Dice, and the
 training seconds per epoch of each incumbent (every method uses the same iterations per epoch).
 
-Usage: python benchmarks/bench_search.py [--budget-minutes 20] [--iterations-per-epoch 25]
+Usage: python benchmarks/bench_search.py [--budget-minutes 20] [--iterations-per-epoch 10]
        [--methods default,random,priorband,regularized] [--work DIR] [--no-write]
 Writes the results to docs/benchmarks.md under "## Search" (raw numbers to WORK/bench_search.json).
 """
@@ -200,7 +200,7 @@ def render(runs: dict[str, dict], args: argparse.Namespace, load: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-minutes", type=float, default=20.0)
-    parser.add_argument("--iterations-per-epoch", type=int, default=25)
+    parser.add_argument("--iterations-per-epoch", type=int, default=10)
     parser.add_argument("--min-epochs", type=int, default=2)
     parser.add_argument("--max-epochs", type=int, default=18)
     parser.add_argument("--eta", type=int, default=3)
