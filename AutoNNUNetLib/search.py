@@ -602,9 +602,10 @@ def _reset_own_trials(root: Path, worker_id: str, reason: str) -> list[str]:
         if str(trial.metadata.state) == "evaluating" and trial.metadata.evaluating_worker_id == worker_id:
             state.lock_and_reset_trial_by_id(trial.id)
             trial_dir = Path(trial.metadata.location)
-            # A stop is not a failure: do not count this attempt against the retry limit.
-            attempts = max(0, _read_attempts(trial_dir) - 1)
-            (trial_dir / ATTEMPTS_NAME).write_text(str(attempts))
+            # A stop is not a failure: do not count this attempt against the retry limit (if this
+            # worker got as far as counting it).
+            if (_read_json(trial_dir / TRIAL_RECORD_NAME) or {}).get("worker") == worker_id:
+                (trial_dir / ATTEMPTS_NAME).write_text(str(max(0, _read_attempts(trial_dir) - 1)))
             _update_trial_record(trial_dir, state="pending", error=f"interrupted ({reason}); will be retrained")
             reset.append(trial.id)
     if reset:
