@@ -53,14 +53,19 @@ def test_default_configuration_learns_both_hippocampus_classes(trained_result, t
     assert TrialConfig.from_dict(record["config"]) == TrialConfig()
 
 
-def test_plans_architecture_describes_the_trained_network(trained_model, hippo_workspace):
-    # Stock nnU-Net rebuilds the network from plans.json alone: its weights must fit exactly.
+def _stock_network(model_dir: Path):
+    """The network stock nnU-Net builds from a model folder's plans.json alone."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    plans = json.loads((trained_model / "plans.json").read_text())
+    plans = json.loads((model_dir / "plans.json").read_text())
     arch = plans["configurations"]["3d_fullres"]["architecture"]
-    network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                     1, 3, deep_supervision=False)
+    return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                  1, 3, deep_supervision=False)
+
+
+def test_plans_architecture_describes_the_trained_network(trained_model):
+    # Stock nnU-Net rebuilds the network from plans.json alone: its weights must fit exactly.
+    network = _stock_network(trained_model)
     network.load_state_dict(_checkpoint(trained_model)["network_weights"])  # raises on any mismatch
 
 
@@ -127,11 +132,14 @@ def test_searched_configurations_train_and_stay_stock_loadable(hippo_workspace, 
     assert math.isfinite(result.folds[0].final_loss)
     assert 0.0 <= result.mean_dice <= 1.0 or math.isnan(result.mean_dice)
     plans = json.loads((model_dir / "plans.json").read_text())
-    dataset_json = json.loads((model_dir / "dataset.json").read_text())
-    network = build_network(plans, dataset_json, TrialConfig(), deep_supervision=False)  # plans rule, not config
+    network = _stock_network(model_dir)
     expected_class = "ResidualEncoderUNet" if config.encoder_type == "residual" else "PlainConvUNet"
     assert type(network).__name__ == expected_class
     network.load_state_dict(_checkpoint(model_dir)["network_weights"])
+    # Our builder and stock nnU-Net's agree on the searched network.
+    ours = build_network(json.loads((hippo_workspace.plans_file).read_text()), hippo_workspace.load_dataset_json(),
+                         config, deep_supervision=False)
+    assert [p.shape for p in ours.parameters()] == [p.shape for p in network.parameters()]
     kwargs = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     assert kwargs["features_per_stage"][0] == config.base_num_features
     if config.n_stages is not None:
@@ -151,8 +159,8 @@ def test_augmentation_factor_scales_every_probability():
             node = stack.pop()
             for name, value in vars(node).items():
                 if name == "apply_probability" or name.startswith("p_"):
-                    if isinstance(value, float):
-                        found.append(value)
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        found.append(float(value))
                 elif isinstance(value, list):
                     stack.extend(v for v in value if hasattr(v, "__dict__"))
                 elif hasattr(value, "__dict__") and type(value).__module__.startswith("batchgeneratorsv2"):
