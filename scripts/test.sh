@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh "server,report,test"
 . .venv/bin/activate
-python -m pytest Testing "$@"
+python -m pytest Testing --durations=25 "$@"
