@@ -760,7 +760,9 @@ def _load_image(spec: Union[ChannelSpec, LabelSpec], cache: _FileCache) -> sitk.
 def _array_of(spec: Union[ChannelSpec, LabelSpec], cache: _FileCache) -> np.ndarray:
     if isinstance(spec, Volume):
         return spec.array  # no copy for in-memory data
-    return sitk.GetArrayViewFromImage(_load_image(spec, cache))
+    # A copy, not GetArrayViewFromImage: _load_image may return a temporary (an Extract of a 4D
+    # file), and a view of it would outlive the image and read freed memory.
+    return sitk.GetArrayFromImage(_load_image(spec, cache))
 
 
 # --------------------------------------------------------------------------------------------
