@@ -9,7 +9,7 @@ runner and the model record.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW")

@@ -25,12 +25,11 @@ import logging
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -408,7 +407,6 @@ def train_fold(
     max_validation_cases: Optional[int] = None,
 ) -> FoldResult:
     """Train one fold of ``config`` to ``epochs`` (of a ``max_epochs`` schedule); see :func:`train`."""
-    import torch
     from nnunetv2.utilities.helpers import empty_cache
 
     t_setup = time.perf_counter()
