@@ -63,7 +63,7 @@ def _wait_for(root: Path, predicate, offset: int, process: subprocess.Popen, tim
         if process.poll() is not None:
             raise AssertionError(f"search process exited early ({process.returncode}):\n"
                                  f"{process.stderr.read() if process.stderr else ''}")
-        time.sleep(0.3)
+        time.sleep(0.05)
     raise AssertionError("timed out waiting for search events")
 
 
@@ -226,7 +226,7 @@ def test_changing_what_is_searched_is_refused(searched, hippo_workspace):
 def _cli_search(workspace, root: Path) -> subprocess.Popen:
     command = [PY, "-m", "AutoNNUNetLib", "search", "--workdir", str(workspace.root), "--root", str(root),
                "--profile", "quick", "--space", "hpo", "--min-epochs", "1", "--max-epochs", "2", "--eta", "2",
-               "--iterations-per-epoch", "1", "--max-validation-cases", "1", "--max-trials", "5",
+               "--iterations-per-epoch", "4", "--max-validation-cases", "1", "--max-trials", "5",
                "--device", "cpu", "--seed", "0", "--quiet"]
     return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -255,8 +255,10 @@ def test_interrupt_kill_and_resume(hippo_workspace, tmp_path):
 
     # 1. SIGTERM mid-trial: the worker stops cleanly and the trial goes back to pending.
     process = _cli_search(hippo_workspace, root)
+    # Signals go out as soon as the event is seen: a trial of this profile lasts about a second
+    # on a fast machine, so any extra wait could let it finish first. A signal that lands before
+    # training starts is still "mid-trial" (the trial is already evaluating in NePS).
     victim = _wait_for(root, _second_trial_started, 0, process)
-    time.sleep(1.5)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 3  # "stopped"
     states = _neps_states(root)
@@ -267,7 +269,6 @@ def test_interrupt_kill_and_resume(hippo_workspace, tmp_path):
     offset = (root / EVENTS_NAME).stat().st_size
     process = _cli_search(hippo_workspace, root)
     _wait_for(root, _trial_started(victim, attempt=1), offset, process)
-    time.sleep(1.5)
     process.kill()
     process.wait(timeout=60)
     assert _neps_states(root)[victim] == "evaluating"
@@ -276,7 +277,6 @@ def test_interrupt_kill_and_resume(hippo_workspace, tmp_path):
     offset = (root / EVENTS_NAME).stat().st_size
     process = _cli_search(hippo_workspace, root)
     _wait_for(root, _trial_started(victim, attempt=2), offset, process)
-    time.sleep(1.5)
     process.kill()
     process.wait(timeout=60)
 
