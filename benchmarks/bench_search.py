@@ -217,7 +217,6 @@ def main() -> None:
     runs: dict[str, dict] = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     workspace = prepare_workspace(work)
     budget = args.budget_minutes * 60.0
-    loads = []
     for method in args.methods.split(","):
         if method not in METHODS:
             raise SystemExit(f"unknown method {method}")
@@ -225,15 +224,17 @@ def main() -> None:
             print(f"{method}: already measured in {raw_path} (delete it to rerun)")
             continue
         print(f"== {method} ({args.budget_minutes:g} min)", flush=True)
-        loads.append(os.getloadavg()[0])
+        load_start = os.getloadavg()[0]
         if method == "default":
             runs[method] = run_default(workspace, work, budget, args.iterations_per_epoch, args.device)
         else:
             runs[method] = run_searcher(method, workspace, work, budget, args.iterations_per_epoch, args.device,
                                         args.min_epochs, args.max_epochs, args.eta)
-        loads.append(os.getloadavg()[0])
+        # Kept with the run, so a later render (e.g. after an interrupted benchmark) still knows it.
+        runs[method]["load"] = [load_start, os.getloadavg()[0]]
         raw_path.write_text(json.dumps(runs, indent=2, default=str))
         print(json.dumps({k: v for k, v in runs[method].items() if k != "curve"}, default=str), flush=True)
+    loads = [value for run in runs.values() for value in run.get("load", [])]
     load = (f"1-min load average {min(loads):.1f}-{max(loads):.1f} at method starts/ends"
             if loads else "load not recorded")
     body = render(runs, args, load)
