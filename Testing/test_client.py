@@ -153,7 +153,7 @@ def search_job(remote, hippocampus_dir):
         events += new
         statuses.append(client.status(job["id"]))
         assert not complete, client.logs(job["id"])["text"][-3000:]
-        time.sleep(1.0)
+        time.sleep(0.2)  # short: the kill must land while the search still has trials to run
     before_kill = list(events)
     pgid = Store(remote.data_dir / "autonnunet.db").get_job(job["id"]).pid
     remote.kill9()
