@@ -2,7 +2,9 @@
 
 Each concept module contributes its own verbs through an ``add_commands(subparsers)`` function, so
 the command line stays next to the code it drives. Those modules keep heavy imports (torch,
-nnunetv2, neps) inside functions, which keeps ``autonnunet --help`` fast.
+nnunetv2, neps) inside functions. When the verb is known from the arguments, only the module that
+owns it is imported: ``autonnunet serve`` or ``autonnunet remote`` never load numpy/SimpleITK
+through the dataset module, which keeps the server small and every verb quick to start.
 """
 
 from __future__ import annotations
@@ -30,11 +32,38 @@ COMMAND_MODULES = (
 )
 
 
+#: Which module owns each verb (checked against the modules by the tests).
+VERB_MODULES = {
+    "dataset": "AutoNNUNetLib.dataset",
+    "fingerprint": "AutoNNUNetLib.fingerprint",
+    "train": "AutoNNUNetLib.trainer",
+    "export-model": "AutoNNUNetLib.model",
+    "import-model": "AutoNNUNetLib.model",
+    "predict": "AutoNNUNetLib.inference",
+    "demo": "AutoNNUNetLib.demo",
+    "search": "AutoNNUNetLib.search",
+    "report": "AutoNNUNetLib.report",
+    "serve": "AutoNNUNetLib.server",
+    "token": "AutoNNUNetLib.server",
+    "remote": "AutoNNUNetLib.client",
+}
+
+
 class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 2, no traceback."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _requested_verb(argv: Sequence[str]) -> Optional[str]:
+    """The verb named in ``argv`` (the first word after the global options), if it is known."""
+    for word in argv:
+        if word in ("-v", "--verbose"):
+            continue
+        return word if word in VERB_MODULES else None
+    return None
+
+
+def build_parser(verb: Optional[str] = None) -> argparse.ArgumentParser:
+    """The full parser, or (with ``verb``) one that only registers the module owning that verb."""
     parser = argparse.ArgumentParser(
         prog="autonnunet",
         description="Find the best nnU-Net for your labeled volumes (nnU-Net + PriorBand search).",
@@ -42,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in (VERB_MODULES[verb],) if verb is not None else COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as error:
@@ -57,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_requested_verb(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -411,6 +411,7 @@ def train_fold(
 
     t_setup = time.perf_counter()
     output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     torch_device = resolve_device(device)
     plans = workspace.load_plans()
     if configuration not in plans["configurations"]:
@@ -438,9 +439,10 @@ def train_fold(
 
     _seed_everything(None if seed is None else seed + fold)
     with workspace.activate(), _training_environment(torch_device.type), \
-            tempfile.TemporaryDirectory(prefix="autonnunet-results-") as scratch:
+            tempfile.TemporaryDirectory(prefix=".nnunet-scratch-", dir=output_dir) as scratch:
         # nnU-Net's constructor creates its log folder under nnUNet_results; aim it at scratch
-        # space, then relocate the trainer into the requested model folder.
+        # space, then relocate the trainer into the requested model folder. The scratch lives in
+        # that folder so a killed worker leaves nothing in /tmp (a search's retry wipes the folder).
         os.environ["nnUNet_results"] = scratch
         trainer_cls = _trainer_class()
         trainer = trainer_cls(plans, configuration, fold, dataset_json, torch_device)

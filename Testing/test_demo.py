@@ -7,7 +7,7 @@ import json
 import numpy as np
 import SimpleITK as sitk
 
-from AutoNNUNetLib.cli import build_parser
+from AutoNNUNetLib.cli import VERB_MODULES, build_parser
 from AutoNNUNetLib.dataset import build_dataset
 from AutoNNUNetLib.demo import DEMO_CLASSES, dice_scores, generate_case, generate_source
 from AutoNNUNetLib.workspace import Workspace
@@ -50,8 +50,25 @@ def test_dice_scores():
     assert scores["core"] == 1.0
 
 
+def _verbs(parser) -> set[str]:
+    return set(parser._subparsers._group_actions[0].choices)  # argparse keeps them here
+
+
 def test_every_pipeline_verb_is_registered():
-    parser = build_parser()
-    verbs = set(parser._subparsers._group_actions[0].choices)  # argparse keeps them here
+    verbs = _verbs(build_parser())
     assert {"dataset", "fingerprint", "train", "predict", "export-model", "import-model", "demo", "search",
             "report"} <= verbs
+    # The verb -> module table used to import only the module a command needs is complete.
+    assert verbs == set(VERB_MODULES)
+    for verb, module in VERB_MODULES.items():
+        assert verb in _verbs(build_parser(verb)), (verb, module)
+
+
+def test_server_and_remote_verbs_do_not_load_the_imaging_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys; from AutoNNUNetLib.cli import build_parser; build_parser('serve'); build_parser('remote'); "
+            "print(sorted(m for m in ('numpy', 'SimpleITK', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
