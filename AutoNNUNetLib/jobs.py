@@ -46,6 +46,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 from .events import EventWriter, ProgressEvent, read_events
+# The server runs on Linux; local jobs (the Slicer module) may run on Windows, where a process
+# group is a console group and the tree is ended with ``taskkill /T`` (see .processes).
+from .processes import (
+    CANCEL_GRACE_SECONDS, IS_WINDOWS, kill_process_group, pid_alive, process_group_members, signal_group,
+)
 
 JobKind = Literal["search", "train", "predict"]
 JOB_KINDS: tuple[str, ...] = ("search", "train", "predict")
@@ -58,11 +63,6 @@ EXIT_NAME = "exit.json"
 ARTIFACTS_DIR = "artifacts"
 MODEL_DIR_PREFIX = "@model_dir:"
 
-#: Seconds a cancelled job gets between SIGTERM and SIGKILL (time to write its last checkpoint line).
-CANCEL_GRACE_SECONDS = 10.0
-#: The server runs on Linux; local jobs (the Slicer module) may run on Windows, where a process
-#: group is a console group and the tree is ended with ``taskkill /T``.
-IS_WINDOWS = os.name == "nt"
 
 
 class JobError(RuntimeError):
@@ -398,113 +398,16 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# Process groups (Linux /proc; elsewhere only the leader can be checked).
-# ---------------------------------------------------------------------------------------------
-
-
-def process_group_members(pgid: int) -> list[int]:
-    """Pids whose process group is ``pgid`` (zombies included: they are not gone yet)."""
-    members = []
-    proc = Path("/proc")
-    if IS_WINDOWS:  # no process groups to list; the leader stands for its tree
-        return [pgid] if _pid_alive(pgid) else []
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-            return [pgid]
-        except (ProcessLookupError, PermissionError):
-            return []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name may contain spaces and parentheses: split after the last ')'.
-        rest = stat[stat.rfind(")") + 2:].split()
-        if len(rest) > 2 and int(rest[2]) == pgid:
-            members.append(int(entry.name))
-    return members
-
-
-def _pid_alive(pid: int) -> bool:
-    if IS_WINDOWS:
-        return _windows_pid_alive(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    status = Path(f"/proc/{pid}/stat")
-    if status.exists():  # a zombie is dead for our purposes
-        try:
-            text = status.read_text()
-            return text[text.rfind(")") + 2:].split()[0] != "Z"
-        except OSError:
-            return False
-    return True
-
-
-def _windows_pid_alive(pid: int) -> bool:
-    # os.kill(pid, 0) would terminate the process on Windows; ask the kernel instead.
-    import ctypes
-
-    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-    if not handle:
-        return False
-    try:
-        code = ctypes.c_ulong()
-        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
-    finally:
-        kernel32.CloseHandle(handle)
-
-
-def _signal_group(pgid: int, hard: bool) -> None:
-    """SIGTERM (or SIGKILL with ``hard``) to the group; on Windows end the whole tree at once."""
-    if IS_WINDOWS:
-        subprocess.call(["taskkill", "/T", "/F", "/PID", str(pgid)], stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL if hard else signal.SIGTERM)
-
-
 def _is_supervisor_of(pid: int, job_dir: Path) -> bool:
     """Guard against pid reuse: the pid must still be the supervisor of this job folder."""
     cmdline = Path(f"/proc/{pid}/cmdline")
     if not cmdline.exists():
-        return _pid_alive(pid)
+        return pid_alive(pid)
     try:
         args = cmdline.read_bytes().split(b"\0")
     except OSError:
         return False
     return str(job_dir).encode() in args and b"supervise" in args
-
-
-def kill_process_group(pgid: int, grace: float = CANCEL_GRACE_SECONDS,
-                       reap: Optional[Callable[[], Any]] = None) -> bool:
-    """SIGTERM the group, SIGKILL what is left after ``grace`` seconds; True when the group is gone.
-
-    ``reap`` is called while waiting so the caller can collect its own child (a zombie still
-    counts as a member of the group).
-    """
-    def gone() -> bool:
-        if reap is not None:
-            reap()
-        return not process_group_members(pgid)
-
-    for hard, wait in ((False, grace), (True, 10.0)):
-        _signal_group(pgid, hard)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if gone():
-                return True
-            time.sleep(0.05)
-    return gone()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,14 +484,14 @@ class LocalJob:
     def attach(cls, job_dir: Union[str, Path], pid: Optional[int]) -> Optional["LocalJob"]:
         """The job's supervisor if it is still running (after a restart of whoever started it)."""
         job_dir = Path(job_dir).resolve()
-        if pid is None or not _pid_alive(pid) or not _is_supervisor_of(pid, job_dir):
+        if pid is None or not pid_alive(pid) or not _is_supervisor_of(pid, job_dir):
             return None
         return cls(job_dir, pid)
 
     def running(self) -> bool:
         if self._process is not None:
             return self._process.poll() is None
-        return _pid_alive(self.pid)
+        return pid_alive(self.pid)
 
     def poll(self) -> Optional[JobExit]:
         """None while running; then how it ended (from ``exit.json``; a supervisor that died
@@ -600,7 +503,7 @@ class LocalJob:
         alive = self.running()
         if self._kill_deadline is not None and (not alive or time.monotonic() > self._kill_deadline):
             if process_group_members(self.pid):
-                _signal_group(self.pid, hard=True)
+                signal_group(self.pid, hard=True)
             if not alive:
                 self._kill_deadline = None
         if alive:
@@ -631,7 +534,7 @@ class LocalJob:
         """Non-blocking cancel for a UI thread: SIGTERM to the tree now; later :meth:`poll` calls
         send SIGKILL to whatever is left after ``grace`` seconds."""
         self._cancelled = True
-        _signal_group(self.pid, hard=False)
+        signal_group(self.pid, hard=False)
         self._kill_deadline = time.monotonic() + grace
 
     def group_members(self) -> list[int]:

@@ -25,7 +25,6 @@ import colorsys
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from .processes import CANCEL_GRACE_SECONDS, kill_process_tree, signal_group
 
 if TYPE_CHECKING:  # only for annotations: dataset.py imports SimpleITK
     from .dataset import Geometry
@@ -711,84 +712,6 @@ def subprocess_environment(
     return env
 
 
-def kill_process_tree(pid: int, timeout: float = 5.0) -> None:
-    """Stop a process and every process it started (training workers, data loaders).
-
-    On POSIX the child was started as a session leader, so its process group holds all its
-    descendants: SIGTERM the group, then SIGKILL whatever is left after ``timeout``. Descendants
-    found through psutil (when installed) are killed too, in case one left the group. On Windows
-    ``taskkill /T`` walks the tree.
-    """
-    if os.name == "nt":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True, check=False)
-        return
-    descendants: list[int] = []
-    try:
-        import psutil  # optional: Slicer ships it, plain venvs may not
-
-        descendants = [child.pid for child in psutil.Process(pid).children(recursive=True)]
-    except Exception:
-        pass
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        pgid = None
-    own_group = os.getpgid(0)
-    if pgid is not None and pgid != own_group:  # never signal our own group (Slicer itself)
-        _signal_group(pgid, signal.SIGTERM)
-    else:
-        _signal_pid(pid, signal.SIGTERM)
-    for child in descendants:
-        _signal_pid(child, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in [pid, *descendants]):
-        time.sleep(0.05)
-    if pgid is not None and pgid != own_group:
-        _signal_group(pgid, signal.SIGKILL)
-    for child in [pid, *descendants]:
-        _signal_pid(child, signal.SIGKILL)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _signal_pid(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:  # Linux: state is the field after "(name)"
-            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        pass
-    try:
-        import psutil
-
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:
-        return True
-
-
-#: Seconds a cancelled child gets between SIGTERM and SIGKILL: the search uses them to mark its
-#: running trial for a retry, so Resume continues cleanly (same grace as AutoNNUNetLib.jobs).
-CANCEL_GRACE_SECONDS = 10.0
-
-
 class BackgroundProcess:
     """A child process whose output goes to a log file, polled rather than waited for.
 
@@ -830,7 +753,7 @@ class BackgroundProcess:
             return None
         code = self._process.poll()
         if self._kill_deadline is not None and (code is not None or time.monotonic() > self._kill_deadline):
-            self._kill_group(signal.SIGKILL if os.name != "nt" else None)
+            self._kill_group(hard=True)
             if code is not None:
                 self._kill_deadline = None
         return code
@@ -849,15 +772,11 @@ class BackgroundProcess:
         self._log_offset += len(chunk)
         return chunk.decode("utf-8", errors="replace")
 
-    def _kill_group(self, sig: Optional[int]) -> None:
+    def _kill_group(self, hard: bool) -> None:
         assert self._process is not None
-        if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True, check=False)
-            return
         # start_new_session made the child a group leader: its pid is the group id, which stays
         # valid while any member (a worker it started) lives, even after the child has exited.
-        if self._process.pid != os.getpgid(0):
-            _signal_group(self._process.pid, sig)
+        signal_group(self._process.pid, hard=hard)
 
     def cancel(self, grace: float = CANCEL_GRACE_SECONDS) -> None:
         """Ask the whole tree to stop now; SIGKILL follows from :meth:`poll` after ``grace`` seconds."""
@@ -865,7 +784,7 @@ class BackgroundProcess:
             return
         self.cancelled = True
         self._kill_deadline = time.monotonic() + grace
-        self._kill_group(signal.SIGTERM if os.name != "nt" else None)
+        self._kill_group(hard=False)
 
     def terminate(self, timeout: float = 5.0) -> None:
         """Blocking stop for shutdown (Slicer exiting): :func:`kill_process_tree`."""

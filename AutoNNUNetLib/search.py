@@ -47,10 +47,11 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from .config import TrialConfig
 from .events import EventWriter, ProgressCallback, ProgressEvent, fanout, read_events
+from .processes import pid_alive
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -380,19 +381,6 @@ def _worker_id(index: int) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{index}:{uuid.uuid4().hex[:8]}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped) is dead for our purpose
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
 
 # ----------------------------------------------------------------------------------------------
 # the space and the optimizer of a search
@@ -537,7 +525,7 @@ def _is_abandoned(trial: Any, stale_after: float, now: float) -> bool:
     if len(parts) >= 3 and parts[0] == socket.gethostname() and parts[1].isdigit():
         if int(parts[1]) == os.getpid():
             return False
-        if not _pid_alive(int(parts[1])):
+        if not pid_alive(int(parts[1])):
             return True
     # Another host (or an id we did not make): judge by the heartbeat the trial writes.
     heartbeat = Path(trial.metadata.location) / HEARTBEAT_NAME

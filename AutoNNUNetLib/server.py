@@ -48,14 +48,15 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, AsyncIterator, Iterator, Optional, Union
+from typing import Any, AsyncIterator, Optional, Union
 
 from . import __version__
 from .events import ProgressEvent, read_events
 from .jobs import (
     ARTIFACTS_DIR, EVENTS_NAME, LOG_NAME, MODEL_DIR_PREFIX, JobExit, JobSpec, LocalJob, PredictParams, ProgressTracker, SearchParams,
-    SlurmOptions, Step, TrainParams, kill_process_group, process_group_members, read_exit, read_log, sha256_file,
+    SlurmOptions, Step, TrainParams, read_exit, read_log, sha256_file,
 )
+from .processes import kill_process_group, process_group_members
 from .store import FINAL_JOB_STATES, Artifact, IdempotencyConflict, JobRecord, Store, UploadRecord
 
 log = logging.getLogger("AutoNNUNetLib.server")

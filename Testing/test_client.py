@@ -23,13 +23,12 @@ import sys
 import threading
 import time
 import zipfile
-from pathlib import Path
 from typing import Optional
 
 import pytest
 
 from AutoNNUNetLib.client import RemoteClient, RemoteError, make_archive
-from AutoNNUNetLib.jobs import process_group_members
+from AutoNNUNetLib.processes import process_group_members
 from AutoNNUNetLib.store import Store
 
 from test_server import ServerProcess, check_data_dir, free_port, images_folder, make_subset

@@ -18,8 +18,9 @@ import pytest
 from AutoNNUNetLib.events import EventWriter, ProgressEvent
 from AutoNNUNetLib.jobs import (
     JobSpec, LocalJob, PredictParams, ProgressTracker, SearchParams, Step, TrainParams, params_from_dict,
-    process_group_members, read_exit,
+    read_exit,
 )
+from AutoNNUNetLib.processes import process_group_members
 
 PY = sys.executable
 

@@ -20,6 +20,7 @@ import pytest
 
 from AutoNNUNetLib import scene
 from AutoNNUNetLib.events import ProgressEvent
+from AutoNNUNetLib.processes import pid_alive
 
 sitk = pytest.importorskip("SimpleITK")
 
@@ -386,14 +387,14 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
     while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     grandchild = int(pid_file.read_text())
-    assert scene._alive(grandchild)
+    assert pid_alive(grandchild)
     job.cancel()
     update = job.wait(timeout=10, interval=0.05)
     assert update.state == "cancelled"
     deadline = time.monotonic() + 5
-    while scene._alive(grandchild) and time.monotonic() < deadline:
+    while pid_alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not scene._alive(grandchild), "the grandchild survived Cancel"
+    assert not pid_alive(grandchild), "the grandchild survived Cancel"
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX signals")

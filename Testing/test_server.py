@@ -29,7 +29,7 @@ from typing import Optional
 import pytest
 import requests
 
-from AutoNNUNetLib.jobs import kill_process_group, process_group_members
+from AutoNNUNetLib.processes import kill_process_group, process_group_members
 from AutoNNUNetLib.store import Store
 
 PY = sys.executable
