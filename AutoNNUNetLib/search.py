@@ -1382,6 +1382,35 @@ def _format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def prepare_workspace(source: Union[str, Path], workdir: Union[str, Path], dataset: Optional[str] = None,
+                      progress: Optional[ProgressCallback] = None) -> Workspace:
+    """A planned workspace for ``source`` (MSD or nnU-Net raw folder), built only where missing.
+
+    The dataset is assembled (and validated) when the workspace holds none; nnU-Net's fingerprint,
+    plan and preprocessing run when there are no plans yet. A workspace that already holds a
+    dataset is used as it is, so rerunning the same command resumes instead of rebuilding.
+    """
+    from .dataset import build_dataset, detect_source
+    from .fingerprint import plan_and_preprocess
+
+    workspace = Workspace(Path(workdir), dataset)
+    has_dataset = any(workspace.raw.glob("Dataset*")) if workspace.raw.is_dir() else False
+    if not has_dataset:
+        found = detect_source(Path(source))
+        build_dataset(found, workspace, dataset_id=1, name=found.name or "AutoNNUNet", progress=progress)
+    else:
+        log.info("workspace %s already holds %s; using it (not rebuilt from %s)",
+                 workspace.root, workspace.require_dataset(), source)
+    if not workspace.plans_file.is_file():
+        plan_and_preprocess(workspace, progress=progress)
+    return workspace
+
+
+def _log_stage(event: ProgressEvent) -> None:
+    if event.data.get("message"):
+        log.info("%s", event.data["message"])
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     root = Path(args.root)
     overrides = {
@@ -1396,6 +1425,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         "slurm": ({"slurm_partition": args.slurm_partition} if args.slurm_partition else None),
     }
     stored = _read_json(root / SETTINGS_NAME)
+    if args.source is not None and args.workdir is None and stored is None:
+        raise SearchError("--source needs --workdir: the folder where the dataset is built and planned")
     if stored is not None and args.workdir is None:
         workspace = Workspace(Path(stored["workspace"]), stored.get("dataset"))
     elif args.workdir is None:
@@ -1410,6 +1441,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
         settings = SearchSettings.from_profile(args.profile or "default", **overrides)
     if settings.workers > 1 and settings.launcher == "inline":
         settings.launcher = "submitit"
+    if args.source is not None and stored is None:
+        # After the settings were checked: a typo in a flag fails before minutes of preprocessing.
+        prepare_workspace(args.source, args.workdir, args.dataset, progress=_log_stage)
     bar = None if args.quiet else ProgressBar()
     if settings.workers > 1 and bar is not None:
         # Workers are other processes: follow their events file.
@@ -1437,6 +1471,8 @@ def add_commands(subparsers: Any) -> None:
         description="Search nnU-Net hyperparameters/architectures with (Regularized) PriorBand. "
                     "Rerun with the same --root to resume; SIGTERM/Ctrl-C stops cleanly.")
     parser.add_argument("--workdir", help="workspace (planned and preprocessed); optional when resuming")
+    parser.add_argument("--source", help="MSD or nnU-Net raw folder: build and plan --workdir from it first "
+                                         "(skipped for what the workspace already has)")
     parser.add_argument("--dataset", help="dataset name when the workspace holds several")
     parser.add_argument("--root", required=True, help="search root directory")
     parser.add_argument("--space", choices=("hpo", "hpo_nas", "hpo_hnas"))

@@ -366,3 +366,36 @@ def test_wall_clock_limit_requeues_the_running_trial(hippo_workspace, tmp_path):
     done = len(states) - len(cut)
     results = run_search(hippo_workspace, root, _settings(wall_time=600.0, max_trials=done + 1))
     assert results.trial(cut[0]).state == "success"
+
+
+# ----------------------------------------------------------------------------------------------
+# one command from a source folder
+
+
+def test_search_straight_from_a_source_folder(hippocampus_dir, tmp_path):
+    from test_server import make_subset
+
+    source = make_subset(hippocampus_dir, tmp_path / "Task04_Hippocampus", 6)
+    work, root = tmp_path / "work", tmp_path / "root"
+    command = [PY, "-m", "AutoNNUNetLib", "search", "--source", str(source), "--workdir", str(work),
+               "--root", str(root), "--profile", "quick", "--space", "hpo", "--min-epochs", "1", "--max-epochs", "2",
+               "--iterations-per-epoch", "1", "--max-validation-cases", "1", "--max-trials", "1",
+               "--device", "cpu", "--seed", "0", "--quiet"]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The dataset was built from the folder and planned, then searched.
+    raw = work / "nnUNet_raw" / "Dataset001_Hippocampus"
+    assert len(list((raw / "labelsTr").glob("*.nii.gz"))) == 6
+    assert (work / "nnUNet_preprocessed" / "Dataset001_Hippocampus" / "nnUNetPlans.json").is_file()
+    results = load_results(root)
+    assert len(results.trials) == 1 and results.trials[0].state == "success"
+    # Rerunning the same command neither rebuilds the dataset nor trains again.
+    stamp = (raw / "dataset.json").stat().st_mtime_ns
+    again = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (raw / "dataset.json").stat().st_mtime_ns == stamp
+    assert len(load_results(root).trials) == 1 and _started(root) == {results.trials[0].trial_id: 1}
+    # --source without --workdir is a clear error.
+    bad = subprocess.run([PY, "-m", "AutoNNUNetLib", "search", "--source", str(source), "--root", str(tmp_path / "r2")],
+                         env=ENV, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--source needs --workdir" in bad.stderr
