@@ -815,9 +815,11 @@ def verb_options(verb: str) -> set[str]:
     """
     import argparse
 
-    from .cli import build_parser
+    from .cli import VERB_MODULES, build_parser
 
-    parser = build_parser()
+    if verb not in VERB_MODULES:
+        return set()
+    parser = build_parser(verb)  # imports only the module owning the verb
     for action in parser._actions:  # argparse keeps subparsers as one action holding a name->parser map
         if isinstance(action, argparse._SubParsersAction) and verb in action.choices:
             return {option for sub in action.choices[verb]._actions for option in sub.option_strings}
