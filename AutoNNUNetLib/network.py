@@ -5,17 +5,22 @@ dynamic_network_architectures class name plus its keyword arguments). That entry
 nnU-Net needs to rebuild the network, so a model trained here loads in ``nnUNetv2_predict`` and
 SlicerNNUnet with the stock trainer name and none of our code installed.
 
-What the planner decided stays: kernel sizes, strides (so the patch size stays divisible by the
-total downsampling) and the patch and batch size. The configuration changes the block type, the
-number of blocks per stage, the number of stages (HNAS keeps the first ``n_stages`` of the
-planner's stages), the feature widths, activation, normalization and dropout.
+What the planner decided stays: kernel sizes and strides (so the patch size stays divisible by
+the total downsampling). The configuration changes the block type, the number of blocks per stage,
+the number of stages (HNAS keeps the first ``n_stages`` of the planner's stages), the feature
+widths, activation, normalization and dropout. Patch and batch size then follow nnU-Net's memory
+rule for the chosen network (:func:`fit_patch_and_batch`): a network bigger than the planned one
+gets a smaller batch (and, when even the minimum batch does not fit, a smaller patch), a smaller
+one a larger batch, within nnU-Net's 5%-of-the-dataset cap. nnU-Net's default network keeps the
+planner's values exactly.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 from .config import MODEL_SCALES, TrialConfig
 
@@ -121,11 +126,96 @@ def architecture_kwargs(plans: dict, config: TrialConfig, configuration: str = "
     return class_name, kwargs
 
 
-def apply_config_to_plans(plans: dict, config: TrialConfig, configuration: str = "3d_fullres") -> dict:
-    """A copy of ``plans`` whose ``configuration`` entry describes the network of ``config``."""
+# nnU-Net's default planner (ExperimentPlanner) measures a network by the summed size of its
+# convolution feature maps for one patch and compares it with reference values measured for a
+# batch of 2 (3D) or 12 (2D) on an 8 GB GPU. These are its constants.
+_REFERENCE_FEATURE_MAP = {2: 85_000_000, 3: 560_000_000}
+_REFERENCE_BATCH = {2: 12, 3: 2}
+_REFERENCE_GB = 8.0
+_MIN_BATCH = 2
+_MAX_DATASET_COVERED = 0.05  # one batch sees at most 5% of the dataset's voxels (overfitting guard)
+_MIN_BOTTLENECK_EDGE = 4  # the planner's UNet_featuremap_min_edge_length
+
+
+@dataclass(frozen=True)
+class PatchAndBatch:
+    """What the memory rule chose for one network."""
+
+    patch_size: list[int]
+    batch_size: int
+    feature_map_size: float  # nnU-Net's memory estimate for one patch
+    budget: float  # the same estimate's limit for the GPU memory target
+
+
+def feature_map_size(class_name: str, kwargs: dict, patch_size: Sequence[int], input_channels: int,
+                     output_channels: int) -> float:
+    """nnU-Net's memory estimate of a network: its convolution feature maps for one patch."""
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    threads = torch.get_num_threads()
+    try:
+        network = get_network_from_plans(class_name, kwargs, ["conv_op", "norm_op", "dropout_op", "nonlin"],
+                                         input_channels, output_channels, allow_init=False)
+        return float(network.compute_conv_feature_map_size(list(patch_size)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fit_patch_and_batch(plans: dict, dataset_json: dict, class_name: str, kwargs: dict,
+                        configuration: str = "3d_fullres", gpu_memory_gb: float = _REFERENCE_GB) -> PatchAndBatch:
+    """Patch and batch size for a network by nnU-Net's planning rule, keeping the planner's topology.
+
+    As nnU-Net's planner: while two patches do not fit the memory target, shrink the patch axis that
+    is largest relative to the median image shape by one downsampling step; then take the largest
+    batch that fits, capped at 5% of the dataset's voxels and at least 2. Unlike the planner, the
+    strides stay as planned (the searched stage count uses them), so an axis only shrinks while its
+    bottleneck edge stays at least 4 voxels.
+    """
+    planned = plans["configurations"][configuration]
+    dims = len(planned["patch_size"])
+    patch = [int(v) for v in planned["patch_size"]]
+    median = [float(v) for v in planned["median_image_size_in_voxels"]]
+    divisor = [math.prod(int(stride[axis]) for stride in kwargs["strides"]) for axis in range(dims)]
+    input_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    output_channels = len(dataset_json["labels"])
+    budget = _REFERENCE_FEATURE_MAP[dims] * gpu_memory_gb / _REFERENCE_GB
+    reference_batch = _REFERENCE_BATCH[dims]
+
+    estimate = feature_map_size(class_name, kwargs, patch, input_channels, output_channels)
+    while estimate / reference_batch * _MIN_BATCH > budget:
+        shrinkable = [a for a in range(dims) if patch[a] - divisor[a] >= _MIN_BOTTLENECK_EDGE * divisor[a]]
+        if not shrinkable:
+            break  # the smallest patch this topology allows; the trial may still run out of memory
+        axis = max(shrinkable, key=lambda a: patch[a] / median[a])
+        patch[axis] -= divisor[axis]
+        estimate = feature_map_size(class_name, kwargs, patch, input_channels, output_channels)
+
+    batch = round(budget / estimate * reference_batch)
+    cases = int(dataset_json.get("numTraining", 0)) or 1
+    dataset_voxels = math.prod(median) * cases
+    batch_cap = round(dataset_voxels * _MAX_DATASET_COVERED / math.prod(patch))
+    batch = max(min(batch, batch_cap), _MIN_BATCH)
+    return PatchAndBatch(patch_size=patch, batch_size=int(batch), feature_map_size=estimate, budget=budget)
+
+
+def apply_config_to_plans(plans: dict, config: TrialConfig, configuration: str = "3d_fullres",
+                          dataset_json: Optional[dict] = None) -> dict:
+    """A copy of ``plans`` whose ``configuration`` entry describes the network of ``config``.
+
+    With ``dataset_json`` (channels, labels and case count), the patch and batch size are
+    re-derived for that network by :func:`fit_patch_and_batch`; without it they stay as planned.
+    """
     class_name, kwargs = architecture_kwargs(plans, config, configuration)
     new_plans = copy.deepcopy(plans)
-    new_plans["configurations"][configuration]["architecture"] = {
+    entry = new_plans["configurations"][configuration]
+    planned = entry["architecture"]
+    is_planned_network = planned.get("network_class_name") == class_name and planned.get("arch_kwargs") == kwargs
+    if dataset_json is not None and not is_planned_network:
+        fitted = fit_patch_and_batch(plans, dataset_json, class_name, kwargs, configuration)
+        entry["patch_size"] = fitted.patch_size
+        entry["batch_size"] = fitted.batch_size
+    entry["architecture"] = {
         "network_class_name": class_name,
         "arch_kwargs": kwargs,
         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
@@ -145,7 +235,7 @@ def build_network(
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    manager = PlansManager(apply_config_to_plans(plans, config, configuration))
+    manager = PlansManager(apply_config_to_plans(plans, config, configuration, dataset_json))
     conf = manager.get_configuration(configuration)
     label_manager = manager.get_label_manager(dataset_json)
     return get_network_from_plans(

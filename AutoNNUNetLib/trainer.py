@@ -419,9 +419,9 @@ def train_fold(
                             f"(available: {', '.join(plans['configurations'])})")
     from .network import apply_config_to_plans
 
-    plans = apply_config_to_plans(plans, config, configuration)
-    plans["continue_training"] = resume_from is not None
     dataset_json = workspace.load_dataset_json()
+    plans = apply_config_to_plans(plans, config, configuration, dataset_json)
+    plans["continue_training"] = resume_from is not None
 
     resume_checkpoint: Optional[Path] = None
     resume_meta: dict = {}
