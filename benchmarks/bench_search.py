@@ -144,6 +144,29 @@ def time_to_reach(curve: list[dict], target: Optional[float]) -> Optional[float]
     return next((p["seconds"] for p in curve if p["dice"] is not None and p["dice"] >= target), None)
 
 
+def _goals(runs: dict[str, dict], budget: float) -> list[str]:
+    """The issue's two goals, checked against the measured runs."""
+    default = runs.get("default")
+    if default is None:
+        return ["Goals not checked: no default run."]
+    target = default["final_dice"]
+    reaches = {m: time_to_reach(runs[m]["curve"], target) for m in ("random", "priorband", "regularized") if m in runs}
+    fastest = min((t for t in reaches.values() if t is not None), default=None)
+    first = (f"reached by {', '.join(m for m, t in reaches.items() if t is not None)} after {fastest / 60:.1f} min"
+             if fastest is not None else "not reached by any search within the budget")
+    verdict = "met" if fastest is not None and fastest <= budget / 3 else "**not met**"
+    lines = [f"- Goal 1 (a searched incumbent reaches the default's final Dice {target:.4f} within a third of the "
+             f"budget, {budget / 180:.1f} min): {verdict}; {first}."]
+    regularized = runs.get("regularized")
+    if regularized and regularized.get("seconds_per_epoch") and regularized.get("final_dice") is not None:
+        speedup = default["seconds_per_epoch"] / regularized["seconds_per_epoch"]
+        ok = speedup >= 2.0 and regularized["final_dice"] >= target
+        lines.append(f"- Goal 2 (Regularized PriorBand's incumbent trains at least 2x faster per epoch than the default "
+                     f"at no worse Dice): {'met' if ok else '**not met**'}; {speedup:.2f}x faster per epoch, Dice "
+                     f"{regularized['final_dice']:.4f} vs {target:.4f}.")
+    return lines
+
+
 def _fmt(value: Any, spec: str = ".4f") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -180,7 +203,7 @@ def render(runs: dict[str, dict], args: argparse.Namespace, load: str) -> str:
             f"| {method} | {trials} | {epochs} | {final} | {_fmt(run['best_dice'])} | "
             f"{_fmt(reach / 60 if reach is not None else None, '.1f')} min | {_fmt(run.get('seconds_per_epoch'), '.1f')} | "
             f"{_fmt(ratio, '.2f')}x faster |")
-    lines += ["", "Best validation Dice so far (minutes: Dice):", ""]
+    lines += ["", *_goals(runs, args.budget_minutes * 60.0), "", "Best validation Dice so far (minutes: Dice):", ""]
     for method in METHODS:
         run = runs.get(method)
         if run:
