@@ -220,7 +220,9 @@ def render(runs: dict[str, dict], args: argparse.Namespace, load: str) -> str:
             lines.append(f"- {method} incumbent {run['incumbent']}: {run['incumbent_config']}")
     if default:
         lines.append(f"- default: {default.get('epochs_reached', default['epochs'])} of a {default['epochs']}-epoch "
-                     f"poly-LR schedule, {args.iterations_per_epoch} iterations per epoch")
+                     f"poly-LR schedule, {args.iterations_per_epoch} iterations per epoch, "
+                     f"{default['elapsed'] / 60:.1f} min including its validations (the budget is checked "
+                     "between chunks of epochs)")
     return "\n".join(lines)
 
 
