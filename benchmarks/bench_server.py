@@ -250,8 +250,8 @@ def main() -> None:
 
     size = args.size_mb
     lines = [
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores shared with other "
-        f"work (load average {os.getloadavg()[0]:.1f} at the end), Python {platform.python_version()}; client and "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (1-min load "
+        f"average {os.getloadavg()[0]:.1f} at the end, this benchmark's own clients included), Python {platform.python_version()}; client and "
         "server in separate processes on 127.0.0.1. Script: `benchmarks/bench_server.py`.",
         "",
         f"### Upload of a {size} MB archive ({args.chunk_mb} MB chunks, CRC32 per chunk, SHA-256 of the whole "
@@ -271,9 +271,9 @@ def main() -> None:
     transfer = statistics.median(size / u["upload_seconds"] for u in uploads)
     lines += [
         "",
-        "Most of the server's resident memory is there before the first byte arrives: `autonnunet serve` "
-        "starts through the `autonnunet` command, whose other verbs import numpy and SimpleITK at start-up. "
-        "An upload adds only its in-flight blocks (1 MB, at most two at a time per chunk being received).",
+        "The idle figure is the server as `autonnunet serve` starts it (FastAPI, uvicorn, SQLite; the command "
+        "imports only the server's own module, no numpy, SimpleITK or torch). An upload adds only its in-flight "
+        "blocks (1 MB, at most two at a time per chunk being received).",
         "",
         f"### Polling by {args.clients} concurrent clients ({args.seconds:.0f} s; each round = job status + "
         "a 16 KB log page)",
