@@ -64,7 +64,6 @@ ARTIFACTS_DIR = "artifacts"
 MODEL_DIR_PREFIX = "@model_dir:"
 
 
-
 class JobError(RuntimeError):
     """A job could not be started, attached or controlled."""
 

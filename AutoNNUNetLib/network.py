@@ -150,16 +150,11 @@ class PatchAndBatch:
 def feature_map_size(class_name: str, kwargs: dict, patch_size: Sequence[int], input_channels: int,
                      output_channels: int) -> float:
     """nnU-Net's memory estimate of a network: its convolution feature maps for one patch."""
-    import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    threads = torch.get_num_threads()
-    try:
-        network = get_network_from_plans(class_name, kwargs, ["conv_op", "norm_op", "dropout_op", "nonlin"],
-                                         input_channels, output_channels, allow_init=False)
-        return float(network.compute_conv_feature_map_size(list(patch_size)))
-    finally:
-        torch.set_num_threads(threads)
+    network = get_network_from_plans(class_name, kwargs, ["conv_op", "norm_op", "dropout_op", "nonlin"],
+                                     input_channels, output_channels, allow_init=False)
+    return float(network.compute_conv_feature_map_size(list(patch_size)))
 
 
 def fit_patch_and_batch(plans: dict, dataset_json: dict, class_name: str, kwargs: dict,

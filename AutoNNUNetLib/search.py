@@ -381,7 +381,6 @@ def _worker_id(index: int) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{index}:{uuid.uuid4().hex[:8]}"
 
 
-
 # ----------------------------------------------------------------------------------------------
 # the space and the optimizer of a search
 
@@ -1394,8 +1393,7 @@ def prepare_workspace(source: Union[str, Path], workdir: Union[str, Path], datas
     from .fingerprint import plan_and_preprocess
 
     workspace = Workspace(Path(workdir), dataset)
-    has_dataset = any(workspace.raw.glob("Dataset*")) if workspace.raw.is_dir() else False
-    if not has_dataset:
+    if not any(workspace.raw.glob("Dataset*")):
         found = detect_source(Path(source))
         build_dataset(found, workspace, dataset_id=1, name=found.name or "AutoNNUNet", progress=progress)
     else:
