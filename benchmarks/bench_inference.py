@@ -193,10 +193,9 @@ def render(t: Timings, model_dir: Path, n_images: int, repeats: int) -> str:
         "preprocessing and export worker processes; the predictor pays all of that once. The more volumes one "
         "call gets, the thinner its start-up is spread, so its per-volume figure above holds for "
         f"{n_images} volumes per call, not for hundreds.",
-        f"- The machine's {os.cpu_count()} cores were shared with other jobs while measuring (load average "
-        f"{os.getloadavg()[0]:.1f} at the end), so absolute times are noisy; "
-        "ours and the floor were interleaved so that load affects both alike, and the command's times include "
-        "the same interference.",
+        f"- 1-min load average {os.getloadavg()[0]:.1f} on the {os.cpu_count()} cores at the end (the command's "
+        "own worker processes included); other work on the machine makes absolute times noisy, so "
+        "ours and the floor were interleaved so that load affects both alike.",
         "",
     ]
     return "\n".join(lines)
