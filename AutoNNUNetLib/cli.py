@@ -17,21 +17,6 @@ from typing import Optional, Sequence
 
 from . import __version__
 
-#: Modules that register verbs, in the order they appear in ``--help``.
-COMMAND_MODULES = (
-    "AutoNNUNetLib.dataset",      # dataset
-    "AutoNNUNetLib.fingerprint",  # fingerprint
-    "AutoNNUNetLib.trainer",      # train
-    "AutoNNUNetLib.model",        # export-model, import-model
-    "AutoNNUNetLib.inference",    # predict
-    "AutoNNUNetLib.demo",         # demo
-    "AutoNNUNetLib.search",       # search
-    "AutoNNUNetLib.report",       # report
-    "AutoNNUNetLib.server",       # serve, token
-    "AutoNNUNetLib.client",       # remote
-)
-
-
 #: Which module owns each verb (checked against the modules by the tests).
 VERB_MODULES = {
     "dataset": "AutoNNUNetLib.dataset",
@@ -47,6 +32,9 @@ VERB_MODULES = {
     "token": "AutoNNUNetLib.server",
     "remote": "AutoNNUNetLib.client",
 }
+
+#: Modules that register verbs, in the order their verbs appear in ``--help``.
+COMMAND_MODULES = tuple(dict.fromkeys(VERB_MODULES.values()))
 
 
 class CommandError(Exception):

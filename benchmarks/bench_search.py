@@ -40,21 +40,6 @@ HIPPOCAMPUS = ROOT.parent / "shared" / "data" / "Task04_Hippocampus"
 METHODS = ("default", "random", "priorband", "regularized")
 
 
-def prepare_workspace(work: Path):
-    from AutoNNUNetLib.dataset import build_dataset, detect_source
-    from AutoNNUNetLib.fingerprint import plan_and_preprocess
-    from AutoNNUNetLib.workspace import Workspace
-
-    workspace = Workspace(work / "workspace")
-    if not workspace.raw.exists() or not list(workspace.raw.glob("Dataset*")):
-        build_dataset(detect_source(HIPPOCAMPUS), workspace, dataset_id=4, name="Hippocampus")
-    try:
-        workspace.load_plans()
-    except Exception:  # noqa: BLE001 - not planned yet
-        plan_and_preprocess(workspace, num_processes=2)
-    return workspace
-
-
 def run_default(workspace, work: Path, budget: float, iterations: int, device: str) -> dict[str, Any]:
     """nnU-Net's default for the whole budget, validated in chunks (resume keeps it one run)."""
     from AutoNNUNetLib.config import TrialConfig
@@ -265,7 +250,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     raw_path = work / "bench_search.json"
     runs: dict[str, dict] = json.loads(raw_path.read_text()) if raw_path.exists() else {}
-    workspace = prepare_workspace(work)
+    from AutoNNUNetLib.search import prepare_workspace
+
+    workspace = prepare_workspace(HIPPOCAMPUS, work / "workspace")  # built and planned once, reused by reruns
     budget = args.budget_minutes * 60.0
     for method in args.methods.split(","):
         if method not in METHODS:
