@@ -16,6 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__
+from .errors import AutoNNUNetError
 
 #: Which module owns each verb (checked against the modules by the tests).
 VERB_MODULES = {
@@ -37,7 +38,7 @@ VERB_MODULES = {
 COMMAND_MODULES = tuple(dict.fromkeys(VERB_MODULES.values()))
 
 
-class CommandError(Exception):
+class CommandError(AutoNNUNetError):
     """A user-facing failure: printed as one line, exit status 2, no traceback."""
 
 
@@ -99,10 +100,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _is_user_error(error: Exception) -> bool:
-    """Library errors meant for users (bad input, missing steps) print without a traceback."""
-    return isinstance(error, (CommandError, ValueError, FileNotFoundError, FileExistsError)) or type(
-        error
-    ).__name__.endswith("Error") and type(error).__module__.startswith("AutoNNUNetLib")
+    """Library errors meant for users (bad input, missing steps) print without a traceback.
+
+    The library raises them as :class:`AutoNNUNetError`; a missing or existing file named by the
+    user (``FileNotFoundError`` / ``FileExistsError`` from a path argument) is one too.
+    """
+    return isinstance(error, (AutoNNUNetError, FileNotFoundError, FileExistsError))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import requests
 
+from .errors import AutoNNUNetError
 from .events import ProgressEvent
 
 DEFAULT_TIMEOUT = (10.0, 120.0)
@@ -44,7 +45,7 @@ FINAL_STATES = ("succeeded", "failed", "cancelled")
 ProgressFn = Callable[[int, int], None]
 
 
-class RemoteError(RuntimeError):
+class RemoteError(AutoNNUNetError, RuntimeError):
     """A request to the job server failed; the message names the server and what to do."""
 
     def __init__(self, message: str, status: Optional[int] = None, url: Optional[str] = None):

@@ -8,6 +8,7 @@ runner and the model record.
 
 from __future__ import annotations
 
+from .errors import AutoNNUNetError
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -22,7 +23,7 @@ ACTIVATIONS = ("LeakyReLU", "ReLU", "ELU", "GELU", "PReLU")
 NORMALIZATIONS = ("InstanceNorm", "BatchNorm")
 
 
-class ConfigError(ValueError):
+class ConfigError(AutoNNUNetError, ValueError):
     """A trial configuration holds a value outside its space."""
 
 

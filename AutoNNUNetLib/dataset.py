@@ -49,7 +49,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import AutoNNUNetError
 from .events import ProgressEvent
+from .imaging import GEOMETRY_TOLERANCE, Geometry, Volume
 from .workspace import DATASET_NAME_RE, Workspace, dataset_folder_name
 
 logger = logging.getLogger(__name__)
@@ -57,10 +59,7 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 ProgressCallback = Callable[[ProgressEvent], None]
 
-#: Grids are "the same" when spacing agrees to this relative tolerance, origins agree to this
-#: fraction of a voxel and direction cosines agree to this absolute tolerance. Loose enough for
-#: float32 NIfTI headers and RAS/LPS round trips, tight enough to catch a real misregistration.
-GEOMETRY_TOLERANCE = 1e-4
+
 
 #: The only file ending written: nnU-Net reads it with SimpleITKIO, stock tools and Slicer read it.
 FILE_ENDING = ".nii.gz"
@@ -98,7 +97,7 @@ class Problem:
         return f"case {self.case_id}: {self.message}" if self.case_id is not None else self.message
 
 
-class DatasetError(ValueError):
+class DatasetError(AutoNNUNetError, ValueError):
     """The input cannot become an nnU-Net dataset; the message names each case and its problem.
 
     With one problem the message is that problem. With several, the first line is a summary and
@@ -131,136 +130,6 @@ def _format_problems(problems: Sequence[Problem]) -> str:
     if len(problems) > MAX_LISTED_PROBLEMS:
         lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# Geometry and in-memory volumes
-
-
-def _fmt(values: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Where a voxel grid sits in the world, in SimpleITK (LPS) conventions.
-
-    ``spacing`` and ``origin`` are in x, y, z order (millimetres); ``direction`` is the row-major
-    direction-cosine matrix flattened to ``dimension**2`` numbers, exactly as ``sitk.Image``
-    reports it.
-    """
-
-    spacing: tuple[float, ...]
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        # Frozen dataclass: normalise lists/numpy arrays to float tuples so records hash and compare.
-        object.__setattr__(self, "spacing", tuple(float(v) for v in np.ravel(self.spacing)))
-        object.__setattr__(self, "origin", tuple(float(v) for v in np.ravel(self.origin)))
-        object.__setattr__(self, "direction", tuple(float(v) for v in np.ravel(self.direction)))
-        d = len(self.spacing)
-        if len(self.origin) != d or len(self.direction) != d * d:
-            raise ValueError(
-                f"inconsistent geometry: {d} spacings, {len(self.origin)} origin values and "
-                f"{len(self.direction)} direction values (expected {d}, {d} and {d * d})"
-            )
-
-    @property
-    def dimension(self) -> int:
-        return len(self.spacing)
-
-    @classmethod
-    def identity(cls, dimension: int = 3, spacing: Optional[Sequence[float]] = None) -> "Geometry":
-        """Unit (or given) spacing, zero origin, identity direction."""
-        spacing = tuple(spacing) if spacing is not None else (1.0,) * dimension
-        return cls(spacing, (0.0,) * dimension, tuple(np.eye(dimension).ravel()))
-
-    @classmethod
-    def from_image(cls, image: Any) -> "Geometry":
-        """From a ``sitk.Image`` or a ``sitk.ImageFileReader`` after ``ReadImageInformation()``."""
-        return cls(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-
-    def apply_to(self, image: sitk.Image) -> sitk.Image:
-        """Set this geometry on ``image`` (in place) and return it."""
-        if image.GetDimension() != self.dimension:
-            raise ValueError(f"a {self.dimension}D geometry cannot be applied to a {image.GetDimension()}D image")
-        image.SetSpacing(self.spacing)
-        image.SetOrigin(self.origin)
-        image.SetDirection(self.direction)
-        return image
-
-    def differences(self, other: "Geometry", tol: float = GEOMETRY_TOLERANCE) -> list[str]:
-        """Human-readable list of what differs from ``other`` beyond ``tol`` (empty when close)."""
-        if self.dimension != other.dimension:
-            return [f"dimension {self.dimension} vs {other.dimension}"]
-        found = []
-        a_sp, b_sp = np.array(self.spacing), np.array(other.spacing)
-        if not np.all(np.abs(a_sp - b_sp) <= tol * np.maximum(np.abs(b_sp), 1e-12)):
-            found.append(f"spacing {_fmt(self.spacing)} vs {_fmt(other.spacing)}")
-        # Origins are compared in voxels: a shift of 1e-4 voxel is float noise, 0.5 voxel is not.
-        voxel = float(min(np.min(np.abs(a_sp)), np.min(np.abs(b_sp)))) or 1.0
-        if not np.all(np.abs(np.array(self.origin) - np.array(other.origin)) <= tol * voxel):
-            found.append(f"origin {_fmt(self.origin)} vs {_fmt(other.origin)}")
-        if not np.allclose(self.direction, other.direction, rtol=0.0, atol=tol):
-            found.append(f"direction {_fmt(self.direction)} vs {_fmt(other.direction)}")
-        return found
-
-    def close_to(self, other: "Geometry", tol: float = GEOMETRY_TOLERANCE) -> bool:
-        """True when spacing, origin and direction all agree within ``tol`` (see :data:`GEOMETRY_TOLERANCE`)."""
-        return not self.differences(other, tol)
-
-    def to_dict(self) -> dict[str, list[float]]:
-        return {"spacing": list(self.spacing), "origin": list(self.origin), "direction": list(self.direction)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Sequence[float]]) -> "Geometry":
-        return cls(data["spacing"], data["origin"], data["direction"])
-
-
-@dataclass
-class Volume:
-    """A scalar image held in memory: a numpy array in SimpleITK order (z, y, x) and its geometry.
-
-    This is the form the Slicer module hands over (``slicer.util.arrayFromVolume`` gives the same
-    KJI order; the module converts its RAS IJK-to-RAS matrix to LPS geometry).
-    """
-
-    array: np.ndarray
-    geometry: Optional[Geometry] = None
-
-    def __post_init__(self) -> None:
-        self.array = np.asarray(self.array)
-        if self.geometry is None:
-            self.geometry = Geometry.identity(self.array.ndim)
-
-    @property
-    def size(self) -> tuple[int, ...]:
-        """Grid size in SimpleITK (x, y, z) order."""
-        return tuple(int(n) for n in self.array.shape[::-1])
-
-    @classmethod
-    def read(cls, path: PathLike) -> "Volume":
-        """Read any file SimpleITK reads; voxel type kept as stored."""
-        image = sitk.ReadImage(str(path))
-        return cls(sitk.GetArrayFromImage(image), Geometry.from_image(image))
-
-    def to_image(self) -> sitk.Image:
-        """A ``sitk.Image`` with this array and geometry (bool becomes uint8, float16 float32)."""
-        array = self.array
-        if array.dtype == np.bool_:
-            array = array.astype(np.uint8)  # SimpleITK has no boolean pixel type
-        elif array.dtype == np.float16:
-            array = array.astype(np.float32)  # nor a half-float one
-        image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=False)
-        assert self.geometry is not None
-        return self.geometry.apply_to(image)
-
-    def write(self, path: PathLike, compress: bool = True) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(self.to_image(), str(path), compress)
-        return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from .errors import AutoNNUNetError
 from .events import ProgressCallback, ProgressEvent
 from .workspace import PLANS_NAME, Workspace, WorkspaceError
 
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 CLASS_VOXELS_FILE = "autonnunet_class_voxels.json"
 
 
-class FingerprintError(ValueError):
+class FingerprintError(AutoNNUNetError, ValueError):
     """The fingerprint, plans or preprocessing step cannot run or its files are incomplete."""
 
 

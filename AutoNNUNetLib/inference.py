@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 
+from .errors import AutoNNUNetError
 from .events import ProgressCallback, ProgressEvent
 from .model import CHECKPOINT_NAME, available_folds
 
@@ -53,7 +54,7 @@ PathLike = Union[str, Path]
 _SITK_READERS = ("SimpleITKIO",)
 
 
-class PredictionError(ValueError):
+class PredictionError(AutoNNUNetError, ValueError):
     """The model folder or the input volumes cannot be used for prediction."""
 
 

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional, Union
 
+from .errors import AutoNNUNetError
 from .events import EventWriter, ProgressEvent, read_events
 # The server runs on Linux; local jobs (the Slicer module) may run on Windows, where a process
 # group is a console group and the tree is ended with ``taskkill /T`` (see .processes).
@@ -64,7 +65,7 @@ ARTIFACTS_DIR = "artifacts"
 MODEL_DIR_PREFIX = "@model_dir:"
 
 
-class JobError(RuntimeError):
+class JobError(AutoNNUNetError, RuntimeError):
     """A job could not be started, attached or controlled."""
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Optional, Sequence, Union
 
+from .errors import AutoNNUNetError
 from .workspace import DATASET_NAME_RE, PLANS_NAME, STOCK_TRAINER
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ _FOLD_RE = re.compile(r"^fold_(\d+|all)$")
 PathLike = Union[str, os.PathLike]
 
 
-class ModelError(ValueError):
+class ModelError(AutoNNUNetError, ValueError):
     """A model folder or archive is unusable; the message names the file and the problem."""
 
 

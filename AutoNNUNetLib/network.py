@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from .errors import AutoNNUNetError
 from .config import MODEL_SCALES, TrialConfig
 
 PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
@@ -46,7 +47,7 @@ _NORMS = {
 _DROPOUT = "torch.nn.modules.dropout.Dropout{d}d"
 
 
-class NetworkError(ValueError):
+class NetworkError(AutoNNUNetError, ValueError):
     """The configuration cannot be turned into a network for these plans."""
 
 

@@ -34,119 +34,24 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Un
 
 import numpy as np
 
+from .imaging import (
+    LPS_FROM_RAS,
+    geometry_from_ijk_to_ras,
+    geometry_from_ras,
+    ijk_to_ras_from_geometry,
+    ijk_to_ras_matrix,
+    lps_from_ras,
+    ras_from_geometry,
+    ras_from_lps,
+)
 from .processes import CANCEL_GRACE_SECONDS, kill_process_tree, signal_group
 
 if TYPE_CHECKING:  # only for annotations: dataset.py imports SimpleITK
-    from .dataset import Geometry
+    from .imaging import Geometry
     from .events import ProgressEvent
-
-#: Multiplying a RAS point by this (and back) gives LPS: the first two axes change sign.
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
 #: The name every dataset uses for label value 0.
 BACKGROUND = "background"
-
-# ---------------------------------------------------------------------------------------------
-# Geometry: RAS (Slicer scene) <-> LPS (files, dataset.Geometry)
-# ---------------------------------------------------------------------------------------------
-
-
-def _as_direction_matrix(direction: Union[Sequence[float], Sequence[Sequence[float]], np.ndarray]) -> np.ndarray:
-    """A 3x3 direction matrix (columns = the I, J, K axes) from a nested or row-major flat form."""
-    matrix = np.asarray(direction, dtype=float)
-    if matrix.shape == (9,):
-        matrix = matrix.reshape(3, 3)
-    if matrix.shape != (3, 3):
-        raise ValueError(f"a direction must be 3x3 (or 9 values row-major), got shape {matrix.shape}")
-    return matrix
-
-
-def lps_from_ras(
-    spacing: Sequence[float],
-    origin_ras: Sequence[float],
-    directions_ras: Union[Sequence[Sequence[float]], np.ndarray],
-) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
-    """Spacing, origin and direction in SimpleITK (LPS) form from a Slicer volume's RAS fields.
-
-    ``directions_ras`` is the volume's IJK-to-RAS direction matrix, columns = unit I, J, K axes
-    (what ``GetIJKToRASDirectionMatrix`` fills). Returns ``(spacing, origin, direction)`` with the
-    direction flattened row-major, as ``sitk.Image.GetDirection()`` returns it. Only signs change,
-    so the conversion is exact.
-    """
-    spacing_out = tuple(float(s) for s in spacing)
-    if len(spacing_out) != 3 or any(not (s > 0 and math.isfinite(s)) for s in spacing_out):
-        raise ValueError(f"spacing must be 3 positive finite values, got {tuple(spacing)}")
-    origin = np.asarray(origin_ras, dtype=float)
-    if origin.shape != (3,):
-        raise ValueError(f"origin must have 3 values, got {tuple(origin_ras)}")
-    direction = LPS_FROM_RAS @ _as_direction_matrix(directions_ras)
-    return spacing_out, tuple(float(v) for v in LPS_FROM_RAS @ origin), tuple(float(v) for v in direction.ravel())
-
-
-def ras_from_lps(
-    spacing: Sequence[float], origin_lps: Sequence[float], direction_lps: Sequence[float]
-) -> tuple[tuple[float, ...], tuple[float, ...], np.ndarray]:
-    """Inverse of :func:`lps_from_ras`: ``(spacing, origin_ras, directions_ras 3x3)``."""
-    origin = np.asarray(origin_lps, dtype=float)
-    if origin.shape != (3,) or len(spacing) != 3:
-        raise ValueError("only 3D geometries can be shown in Slicer")
-    directions = LPS_FROM_RAS @ _as_direction_matrix(direction_lps)
-    return tuple(float(s) for s in spacing), tuple(float(v) for v in LPS_FROM_RAS @ origin), directions
-
-
-def geometry_from_ras(
-    spacing: Sequence[float],
-    origin_ras: Sequence[float],
-    directions_ras: Union[Sequence[Sequence[float]], np.ndarray],
-) -> "Geometry":
-    """A :class:`dataset.Geometry` (LPS) from a Slicer volume's spacing, origin and directions."""
-    from .dataset import Geometry
-
-    spacing_lps, origin_lps, direction_lps = lps_from_ras(spacing, origin_ras, directions_ras)
-    return Geometry(spacing=spacing_lps, origin=origin_lps, direction=direction_lps)
-
-
-def ras_from_geometry(geometry: "Geometry") -> tuple[tuple[float, ...], tuple[float, ...], np.ndarray]:
-    """``(spacing, origin_ras, directions_ras)`` to set on a Slicer volume node from a Geometry."""
-    return ras_from_lps(geometry.spacing, geometry.origin, geometry.direction)
-
-
-def ijk_to_ras_matrix(
-    spacing: Sequence[float], origin_ras: Sequence[float], directions_ras: Union[Sequence[Sequence[float]], np.ndarray]
-) -> np.ndarray:
-    """The 4x4 IJK-to-RAS matrix Slicer composes from spacing, origin and directions."""
-    matrix = np.eye(4)
-    matrix[:3, :3] = _as_direction_matrix(directions_ras) * np.asarray(spacing, dtype=float)[np.newaxis, :]
-    matrix[:3, 3] = np.asarray(origin_ras, dtype=float)
-    return matrix
-
-
-def geometry_from_ijk_to_ras(matrix: Union[Sequence[Sequence[float]], np.ndarray], shape_kji: Optional[Sequence[int]] = None) -> "Geometry":
-    """A :class:`dataset.Geometry` from a 4x4 IJK-to-RAS matrix (e.g. ``arrayFromVTKMatrix``).
-
-    Spacing is each axis column's length. The module prefers :func:`geometry_from_ras` with the
-    volume node's own spacing/origin/directions, which is exact; this form is for matrices only
-    (spacing recovered by a norm may differ from the stored one in the last bit). ``shape_kji`` (the
-    array's shape, KJI = z, y, x) is checked to be 3D when given.
-    """
-    matrix = np.asarray(matrix, dtype=float)
-    if matrix.shape != (4, 4):
-        raise ValueError(f"IJK-to-RAS must be a 4x4 matrix, got shape {matrix.shape}")
-    if not np.allclose(matrix[3], [0.0, 0.0, 0.0, 1.0]):
-        raise ValueError("IJK-to-RAS must be an affine matrix (last row 0 0 0 1)")
-    if shape_kji is not None and len(shape_kji) != 3:
-        raise ValueError(f"a Slicer volume array is 3D (K, J, I), got shape {tuple(shape_kji)}")
-    columns = matrix[:3, :3]
-    spacing = np.linalg.norm(columns, axis=0)
-    if np.any(spacing == 0):
-        raise ValueError("IJK-to-RAS matrix has a zero-length axis")
-    return geometry_from_ras(spacing, matrix[:3, 3], columns / spacing[np.newaxis, :])
-
-
-def ijk_to_ras_from_geometry(geometry: "Geometry") -> np.ndarray:
-    """The 4x4 IJK-to-RAS matrix of a :class:`dataset.Geometry` (inverse of :func:`geometry_from_ijk_to_ras`)."""
-    return ijk_to_ras_matrix(*ras_from_geometry(geometry))
-
 
 # ---------------------------------------------------------------------------------------------
 # Classes from segment names

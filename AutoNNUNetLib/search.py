@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
+from .errors import AutoNNUNetError
 from .config import TrialConfig
 from .events import EventWriter, ProgressCallback, ProgressEvent, fanout, read_events
 from .processes import pid_alive
@@ -73,7 +74,7 @@ IDENTITY_FIELDS = (
 )
 
 
-class SearchError(ValueError):
+class SearchError(AutoNNUNetError, ValueError):
     """The search cannot start or continue as requested."""
 
 

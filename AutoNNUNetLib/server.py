@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, AsyncIterator, Optional, Union
 
+from .errors import AutoNNUNetError
 from . import __version__
 from .events import ProgressEvent, read_events
 from .jobs import (
@@ -126,7 +127,7 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-class UploadError(ValueError):
+class UploadError(AutoNNUNetError, ValueError):
     """The uploaded archive is unsafe or is not a usable dataset."""
 
 

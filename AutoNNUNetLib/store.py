@@ -14,6 +14,7 @@ its records are plain dataclasses that FastAPI can render as response models.
 
 from __future__ import annotations
 
+from .errors import AutoNNUNetError
 import contextlib
 import hashlib
 import json
@@ -92,7 +93,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
 """
 
 
-class StoreError(RuntimeError):
+class StoreError(AutoNNUNetError, RuntimeError):
     """The database refused an operation (conflict, missing row)."""
 
 

@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from .errors import AutoNNUNetError
 from .config import TrialConfig
 from .events import EventWriter, ProgressCallback, ProgressEvent
 from .workspace import PLANS_NAME, STOCK_TRAINER, Workspace, resolve_device
@@ -45,7 +46,7 @@ CHECKPOINT_NAME = "checkpoint_final.pth"
 CHECKPOINT_KEY = "autonnunet"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(AutoNNUNetError, RuntimeError):
     """A training run could not start or did not finish (bad resume, NaN loss, ...)."""
 
 

@@ -13,9 +13,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional
 
 import json
+
+from .devices import resolve_device  # noqa: F401  (kept importable from here for callers)
+from .errors import AutoNNUNetError
 
 DATASET_NAME_RE = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9_\-]+)$")
 PLANS_NAME = "nnUNetPlans"
@@ -23,7 +26,7 @@ PLANS_NAME = "nnUNetPlans"
 STOCK_TRAINER = "nnUNetTrainer"
 
 
-class WorkspaceError(RuntimeError):
+class WorkspaceError(AutoNNUNetError):
     """The workspace folder does not hold what the requested step needs."""
 
 
@@ -117,21 +120,3 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
         raise WorkspaceError(f"dataset id must be in 1..999, got {dataset_id}")
     safe = re.sub(r"[^A-Za-z0-9_\-]+", "_", name).strip("_") or "Dataset"
     return f"Dataset{dataset_id:03d}_{safe}"
-
-
-def resolve_device(device: Union[str, "object", None] = "auto"):
-    """``auto`` picks CUDA, then MPS, then CPU; ``cuda``, ``cuda:1``, ``mps``, ``cpu`` are honoured as given."""
-    import torch
-
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(str(device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RuntimeError(f"device {device!r} requested but MPS is not available on this machine")
-    return dev
