@@ -57,14 +57,15 @@ def test_search_params_map_to_the_search_verb():
     argv = params.to_argv("/ws", "/root")
     assert argv[:5] == ["search", "--workdir", "/ws", "--root", "/root"]
     joined = " ".join(argv)
-    for flag in ("--space hpo_nas", "--profile quick", "--max-epochs 9", "--total-epochs 30", "--folds all",
+    for flag in ("--space hpo_nas", "--profile quick", "--max-epochs 9", "--total-epochs 30", "--folds 0 1 2 3 4",
                  "--seed 3"):
         assert flag in joined
-    assert "--min-epochs" not in joined  # unset values keep the verb's defaults
+    # Unset values take the search record's defaults (the quick profile's here), not copies of them.
+    assert "--min-epochs 1 " in joined and params.settings().min_epochs == 1
 
 
 def test_params_reject_bad_values_and_unknown_keys():
-    with pytest.raises(ValueError, match="min_epochs must not exceed max_epochs"):
+    with pytest.raises(ValueError, match="min_epochs"):
         SearchParams(upload_id="u", min_epochs=10, max_epochs=3)
     with pytest.raises(ValueError, match="workers"):
         SearchParams(upload_id="u", workers=0)
@@ -77,7 +78,7 @@ def test_params_reject_bad_values_and_unknown_keys():
     with pytest.raises(ValueError, match="config:"):
         TrainParams(upload_id="u", config={"optimizer": "Lion"})
     assert TrainParams(upload_id="u", config={"optimizer": "Adam"}).config == {"optimizer": "Adam"}
-    with pytest.raises(ValueError, match="unknown search parameter"):
+    with pytest.raises(ValueError, match="unknown SearchParams field"):
         params_from_dict("search", {"upload_id": "u", "max_epoch": 3})
     train = TrainParams(upload_id="u", epochs=5, folds=[0, 1], iterations_per_epoch=4)
     assert train.to_argv("/ws", "/out")[:3] == ["train", "--workdir", "/ws"]
@@ -180,11 +181,11 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
     _wait_for(lambda: len(list(pids.iterdir())) == 2)
     tree = [int(p.name) for p in pids.iterdir()] + [int(p.read_text()) for p in pids.iterdir()]
     assert set(tree) <= set(job.group_members())
-    assert job.cancel(grace=5.0) is True
+    assert job.stop(grace=5.0) is True
     assert job.group_members() == [] and process_group_members(job.pid) == []
     assert not any(_alive(pid) for pid in tree)
     ended = job.poll()
-    assert ended is not None and ended.state == "cancelled"
+    assert ended.done and ended.state == "cancelled"
 
 
 def test_cancel_a_process_that_ignores_sigterm(tmp_path):
@@ -192,7 +193,7 @@ def test_cancel_a_process_that_ignores_sigterm(tmp_path):
     job = LocalJob.start(JobSpec(job_dir=str(tmp_path / "job"), steps=[py_step("stubborn", code)]))
     _wait_for(lambda: "ready" in job.log_path.read_text())
     started = time.monotonic()
-    assert job.cancel(grace=1.0) is True
+    assert job.stop(grace=1.0) is True
     assert time.monotonic() - started < 15
     assert job.group_members() == []
 
@@ -212,7 +213,7 @@ def test_reattach_after_the_starter_is_gone_and_rerun_resumes(tmp_path):
     _wait_for(lambda: done.exists())
     # A new handle from the pid alone, as after a server restart.
     attached = LocalJob.attach(tmp_path / "job", first.pid)
-    assert attached is not None and attached.running() and attached.poll() is None
+    assert attached is not None and attached.running() and attached.poll().state == "running"
     assert LocalJob.attach(tmp_path / "elsewhere", first.pid) is None  # pid must belong to this job
     # The machine "reboots": the whole group dies without an end record.
     os.killpg(first.pid, signal.SIGKILL)
@@ -250,14 +251,14 @@ def test_submitit_local_executor_runs_remote_steps(tmp_path):
     assert "submitted local jobs" in log and "worker output" in log
 
 
-def test_request_cancel_does_not_block_and_poll_finishes_the_kill(tmp_path):
+def test_cancel_does_not_block_and_poll_finishes_the_kill(tmp_path):
     """The UI-thread variant: returns at once; polling escalates to SIGKILL after the grace period."""
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"
     job = LocalJob.start(JobSpec(job_dir=str(tmp_path / "job"), steps=[py_step("stubborn", code)]))
     _wait_for(lambda: "ready" in job.log_path.read_text())
     started = time.monotonic()
-    job.request_cancel(grace=0.5)
+    job.cancel(grace=0.5)
     assert time.monotonic() - started < 0.5
-    ended = _wait_for(job.poll, timeout=20)
-    _wait_for(lambda: job.poll() is not None and job.group_members() == [], timeout=20)
+    ended = _wait_for(lambda: (lambda update: update if update.done else None)(job.poll()), timeout=20)
+    _wait_for(lambda: job.poll().done and job.group_members() == [], timeout=20)
     assert ended.state == "cancelled"

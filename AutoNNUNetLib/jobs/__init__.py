@@ -1,0 +1,52 @@
+"""Jobs: the one way long work (search, train, predict) runs, locally or on the job server.
+
+- :mod:`.job`: the :class:`Job` protocol and :class:`JobUpdate` (LocalJob and RemoteJob follow it);
+- :mod:`.params`: one request record per job kind (:class:`SearchParams`, :class:`TrainParams`,
+  :class:`PredictParams`), validated at creation, to and from JSON and argv;
+- :mod:`.spec`: a job folder's files (:class:`JobSpec` of :class:`Step` s, :class:`JobExit`);
+- :mod:`.recipes`: the steps of each job kind, built from its request record;
+- :mod:`.local`: :class:`LocalJob`, a supervisor process group on this machine (re-attaches);
+- :mod:`.supervisor`: ``python -m AutoNNUNetLib.jobs supervise JOB_DIR``, runs the steps;
+- :mod:`.builtins`: small file steps the supervisor does itself;
+- :mod:`.tracker`: :class:`ProgressTracker`, a job's progress folded from its events.
+
+Names are loaded on first use, so ``import AutoNNUNetLib.jobs`` stays light for the supervisor
+and the Slicer module.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ..files import sha256_file  # noqa: F401  (re-exported: callers imported it from here)
+
+_EXPORTS = {
+    "job": ("Job", "JobUpdate"),
+    "spec": ("SPEC_NAME", "LOG_NAME", "EVENTS_NAME", "EXIT_NAME", "PID_NAME", "CANCEL_NAME", "ARTIFACTS_DIR",
+             "MODEL_DIR_PREFIX", "JobError", "Step", "SlurmOptions", "JobSpec", "JobExit", "read_exit",
+             "write_exit", "read_log"),
+    "params": ("JOB_KINDS", "EXECUTORS", "RequestError", "SearchParams", "TrainParams", "PredictParams",
+               "PARAMS_TYPES", "Params", "params_from_dict", "kind_of"),
+    "tracker": ("Progress", "ProgressTracker"),
+    "local": ("LocalJob",),
+    "supervisor": ("Supervisor", "run_worker", "main"),
+    "builtins": ("BUILTINS", "find_model_dir"),
+    "recipes": ("plan_step", "search_steps", "train_steps", "predict_steps", "local_spec", "start_local"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = ["sha256_file", *_WHERE]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
