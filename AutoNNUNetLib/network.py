@@ -57,9 +57,14 @@ def default_stage_count(plans: dict, configuration: str = "3d_fullres") -> int:
 
 
 def default_encoder_blocks(n_stages: int, encoder_type: str = "conv") -> list[int]:
-    """nnU-Net's blocks (plain: convolutions) per encoder stage for each encoder type."""
+    """nnU-Net's blocks (plain: convolutions) per encoder stage for each encoder type.
+
+    The one rule for the network builder and the HNAS space alike: ResEnc's preset lists 10
+    stages; deeper plans repeat its last count (6), as nnU-Net's ResEnc planners do.
+    """
     if encoder_type == "residual":
-        return list(RESENC_BLOCKS_PER_STAGE[:n_stages])
+        last = len(RESENC_BLOCKS_PER_STAGE) - 1
+        return [RESENC_BLOCKS_PER_STAGE[min(i, last)] for i in range(n_stages)]
     return [PLAIN_CONVS_PER_STAGE] * n_stages
 
 

@@ -14,13 +14,13 @@ pytest.importorskip("neps")
 from neps.optimizers.algorithms import neps_priorband  # noqa: E402
 from neps.state.trial import Trial  # noqa: E402
 
-from AutoNNUNetLib.priorband import (  # noqa: E402
+from AutoNNUNetLib.search.priorband import (  # noqa: E402
     RegularizedPriorBand,
     incumbent_scores,
     pareto_ranks,
     promotion_scores,
 )
-from AutoNNUNetLib.space import build_space, config_from_neps  # noqa: E402
+from AutoNNUNetLib.search.space import build_space, config_from_neps  # noqa: E402
 
 SPACE = build_space("hpo_nas", min_epochs=1, max_epochs=9)  # eta 3: rungs 1, 3, 9 epochs
 

@@ -173,7 +173,7 @@ def test_progress_events(searched):
 
 
 def test_report(searched, tmp_path):
-    from AutoNNUNetLib.report import write_report
+    from AutoNNUNetLib.search.report import write_report
 
     root, results, _ = searched
     page = write_report(root, tmp_path / "report")

@@ -49,11 +49,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
-from .errors import AutoNNUNetError
-from .config import TrialConfig
-from .events import EventWriter, ProgressCallback, ProgressEvent, fanout, read_events
-from .processes import pid_alive
-from .workspace import Workspace
+from .settings import IDENTITY_FIELDS, PROFILES, SearchError, SearchSettings
+from ..folds import parse_folds as _parse_folds
+
+
+def parse_folds(values):
+    return None if values is None else _parse_folds(values)
+
+from ..config import TrialConfig
+from ..events import EventWriter, ProgressCallback, ProgressEvent, fanout, read_events
+from ..processes import pid_alive
+from ..workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +73,6 @@ INCUMBENT_DIR = "incumbent"
 NEPS_DIR = "neps"
 FINAL_DIR = "final"
 
-#: Settings that define *what* is searched; a resumed search must keep them.
-IDENTITY_FIELDS = (
-    "space", "min_epochs", "max_epochs", "eta", "prior_confidence", "prior_first", "folds",
-    "iterations_per_epoch", "max_validation_cases", "runtime_weight", "optimizer", "configuration", "seed",
-)
-
-
-class SearchError(AutoNNUNetError, ValueError):
-    """The search cannot start or continue as requested."""
-
-
 class SearchStopped(BaseException):
     """Raised in a worker's main thread on SIGTERM/SIGINT or at the wall-clock limit.
 
@@ -89,129 +84,6 @@ class SearchStopped(BaseException):
 # ----------------------------------------------------------------------------------------------
 # settings
 
-
-#: Budget-independent defaults per profile. "quick" is for CPUs and tests: tiny epochs (a few
-#: iterations each), a 1..9 epoch fidelity and validation on a few cases.
-PROFILES: dict[str, dict[str, Any]] = {
-    "default": {"min_epochs": 10, "max_epochs": 1000, "eta": 3, "iterations_per_epoch": 250,
-                "max_validation_cases": None},
-    "quick": {"min_epochs": 1, "max_epochs": 9, "eta": 3, "iterations_per_epoch": 3,
-              "max_validation_cases": 4},
-}
-
-
-@dataclass
-class SearchSettings:
-    """Everything a search needs besides the workspace. Stored as ``ROOT/search.json``.
-
-    Budgets (any combination; the first one reached stops the search): ``total_epochs`` counts
-    epochs actually trained (a promotion from 3 to 9 epochs costs 6; each epoch counts once
-    however many folds it trains), ``max_trials`` counts trials (NePS evaluations, including
-    failed ones), ``wall_time`` is seconds per run of :func:`run_search`. Without any budget the
-    reference's 22 full trainings (``total_epochs = 22 * max_epochs``) apply.
-    """
-
-    space: str = "hpo"
-    min_epochs: int = 10
-    max_epochs: int = 1000
-    eta: int = 3
-    prior_confidence: str = "medium"
-    #: Train nnU-Net's default configuration at full fidelity before anything else (reference).
-    prior_first: bool = False
-    folds: list[int] = field(default_factory=lambda: [0])
-    iterations_per_epoch: int = 250
-    max_validation_cases: Optional[int] = None
-    #: 0 = plain PriorBand; > 0 = Regularized PriorBand (see AutoNNUNetLib.priorband).
-    runtime_weight: float = 1.0
-    #: "priorband" (multi-fidelity) or "random" (random search at full fidelity, a baseline).
-    optimizer: str = "priorband"
-    configuration: str = "3d_fullres"
-    seed: Optional[int] = None
-    total_epochs: Optional[int] = None
-    max_trials: Optional[int] = None
-    wall_time: Optional[float] = None
-    workers: int = 1
-    #: "inline" (this process; only with 1 worker), "process" or "submitit".
-    launcher: str = "inline"
-    #: submitit executor: "local" or "slurm".
-    executor: str = "local"
-    slurm: dict[str, Any] = field(default_factory=dict)
-    device: str = "auto"
-    #: GPU ids to spread workers over (None: all visible GPUs when the device is CUDA).
-    gpus: Optional[list[int]] = None
-    #: A trial is retried this many times after its worker died, then recorded failed.
-    retries: int = 1
-    #: A trial whose heartbeat is older than this (seconds) is considered abandoned.
-    stale_after: float = 900.0
-    #: Extra events file (besides ROOT/events.jsonl).
-    events: Optional[str] = None
-    #: Retrain the incumbent at max_epochs on these folds when the search ends (None: no).
-    final_folds: Optional[list[int]] = None
-
-    @classmethod
-    def from_profile(cls, profile: str = "default", **overrides: Any) -> "SearchSettings":
-        """Settings with a profile's defaults; ``None`` overrides are ignored."""
-        if profile not in PROFILES:
-            raise SearchError(f"unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
-        values = {**PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}}
-        return cls(**values).validate()
-
-    def validate(self) -> "SearchSettings":
-        from .space import SPACES
-
-        if self.space not in SPACES:
-            raise SearchError(f"unknown space {self.space!r}; expected one of {', '.join(SPACES)}")
-        if not 1 <= self.min_epochs < self.max_epochs:
-            raise SearchError(f"need 1 <= min_epochs < max_epochs, got {self.min_epochs}, {self.max_epochs}")
-        if self.eta < 2:
-            raise SearchError(f"eta must be >= 2, got {self.eta}")
-        if self.optimizer not in ("priorband", "random"):
-            raise SearchError(f"optimizer must be 'priorband' or 'random', got {self.optimizer!r}")
-        if self.runtime_weight < 0:
-            raise SearchError(f"runtime_weight must be >= 0, got {self.runtime_weight}")
-        if self.workers < 1:
-            raise SearchError(f"workers must be >= 1, got {self.workers}")
-        if self.launcher not in ("inline", "process", "submitit"):
-            raise SearchError(f"launcher must be inline, process or submitit, got {self.launcher!r}")
-        if self.executor not in ("local", "slurm"):
-            raise SearchError(f"executor must be local or slurm, got {self.executor!r}")
-        if self.iterations_per_epoch < 1:
-            raise SearchError("iterations_per_epoch must be >= 1")
-        if not self.folds or any(not 0 <= int(f) for f in self.folds):
-            raise SearchError(f"folds must be non-negative fold numbers, got {self.folds}")
-        self.folds = [int(f) for f in self.folds]
-        for name in ("total_epochs", "max_trials", "wall_time"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise SearchError(f"{name} must be positive, got {value}")
-        return self
-
-    def effective_total_epochs(self) -> Optional[int]:
-        if self.total_epochs is None and self.max_trials is None and self.wall_time is None:
-            return 22 * self.max_epochs
-        return self.total_epochs
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "SearchSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known}).validate()
-
-
-def parse_folds(values: Union[str, Sequence[Union[str, int]], None]) -> Optional[list[int]]:
-    """``"all"`` -> the five cross-validation folds; ``["0", "2"]`` -> [0, 2]."""
-    if values is None:
-        return None
-    if isinstance(values, str):
-        values = [values]
-    if len(values) == 1 and str(values[0]).lower() == "all":
-        return [0, 1, 2, 3, 4]
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise SearchError(f"folds must be numbers or 'all', got {' '.join(map(str, values))}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,7 +538,7 @@ class _TrialRunner:
     def __call__(self, pipeline_directory: Path, previous_pipeline_directory: Optional[Path],
                  pipeline_id: str, **values: Any) -> dict[str, Any]:
         from .space import trial_config_from_values
-        from .trainer import model_dir_name
+        from ..trainer import model_dir_name
 
         if self.stop is not None:
             self.stop.check()
@@ -716,7 +588,7 @@ class _TrialRunner:
 
         train = self.trainer
         if train is None:
-            from .trainer import train
+            from ..trainer import train
         workspace = Workspace(Path(self.workspace_root), self.dataset_name)
         try:
             with _Heartbeat(trial_dir / HEARTBEAT_NAME):
@@ -1291,7 +1163,7 @@ def retrain_incumbent(
 
     Validation uses every validation case of each fold unless ``max_validation_cases`` is given.
     """
-    from .trainer import model_dir_name, train
+    from ..trainer import model_dir_name, train
 
     root = Path(root)
     settings, workspace = load_settings(root)
@@ -1390,8 +1262,8 @@ def prepare_workspace(source: Union[str, Path], workdir: Union[str, Path], datas
     plan and preprocessing run when there are no plans yet. A workspace that already holds a
     dataset is used as it is, so rerunning the same command resumes instead of rebuilding.
     """
-    from .dataset import build_dataset, detect_source
-    from .fingerprint import plan_and_preprocess
+    from ..dataset import build_dataset, detect_source
+    from ..fingerprint import plan_and_preprocess
 
     workspace = Workspace(Path(workdir), dataset)
     if not any(workspace.raw.glob("Dataset*")):

@@ -21,13 +21,13 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .config import TrialConfig
+from ..config import TrialConfig
 
 REPORT_DIR = "report"
 
 
 def _results(root: Path):
-    from .search import RESULTS_NAME, collect_results, load_results
+    from .run import RESULTS_NAME, collect_results, load_results
 
     if (root / RESULTS_NAME).is_file():
         return load_results(root)

@@ -32,7 +32,8 @@ from typing import Any, Literal, Mapping, Optional
 
 import neps
 
-from .config import (
+from ..network import default_encoder_blocks
+from ..config import (
     ACTIVATIONS,
     ENCODER_TYPES,
     LOSSES,
@@ -53,10 +54,6 @@ FIDELITY = "epochs"
 DEFAULT_MIN_EPOCHS = 10
 DEFAULT_MAX_EPOCHS = 1000
 
-#: nnU-Net's residual-encoder (ResEnc) blocks per stage; mirrors ``network.RESENC_BLOCKS_PER_STAGE``
-#: (kept here so the space does not import the network builder).
-_RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6)
-_PLAIN_BLOCKS = 2
 #: Decoder convolutions per stage: range and prior of the HNAS grammar.
 DECODER_BLOCKS_RANGE = (1, 4)
 DECODER_BLOCKS_PRIOR = 2
@@ -119,13 +116,6 @@ def _integer(lower: int, upper: int, value: int, confidence: Confidence, name: s
     if lower == upper:
         return int(lower)  # a one-value range is a constant (NePS needs lower < upper)
     return neps.Integer(lower, upper, prior=int(value), prior_confidence=confidence)
-
-
-def default_encoder_blocks(n_stages: int, encoder_type: str) -> list[int]:
-    """nnU-Net's blocks per encoder stage (plain: convolutions; residual: ResEnc blocks)."""
-    if encoder_type == "residual":
-        return [_RESENC_BLOCKS[min(i, len(_RESENC_BLOCKS) - 1)] for i in range(n_stages)]
-    return [_PLAIN_BLOCKS] * n_stages
 
 
 def _hpo_parameters(prior: TrialConfig, confidence: Confidence) -> dict[str, Any]:

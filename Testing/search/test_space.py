@@ -11,7 +11,7 @@ import pytest
 neps = pytest.importorskip("neps")
 
 from AutoNNUNetLib.config import TrialConfig  # noqa: E402
-from AutoNNUNetLib.space import (  # noqa: E402
+from AutoNNUNetLib.search.space import (  # noqa: E402
     FIDELITY,
     SPACES,
     build_space,
@@ -187,7 +187,7 @@ def test_random_samples_build_and_train(name, hippo_workspace):
     import torch
 
     from AutoNNUNetLib.network import build_network
-    from AutoNNUNetLib.space import planned_stage_count
+    from AutoNNUNetLib.search.space import planned_stage_count
 
     plans = _tiny_plans(hippo_workspace.load_plans())
     dataset_json = hippo_workspace.load_dataset_json()
