@@ -20,7 +20,7 @@ from .errors import AutoNNUNetError
 
 #: Which module owns each verb (checked against the modules by the tests).
 VERB_MODULES = {
-    "dataset": "AutoNNUNetLib.dataset",
+    "dataset": "AutoNNUNetLib.dataset.cli",
     "fingerprint": "AutoNNUNetLib.fingerprint",
     "train": "AutoNNUNetLib.trainer",
     "export-model": "AutoNNUNetLib.model",

@@ -10,7 +10,6 @@ demo prints the Dice of that prediction against the generated truth.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from .files import atomic_write_json
 from .events import EventWriter, ProgressCallback, ProgressEvent
 
 DEMO_CLASSES = {"background": 0, "rim": 1, "core": 2}
@@ -43,7 +43,7 @@ def _oblique_direction(angle_degrees: float) -> tuple[float, ...]:
 
 def generate_case(seed: int, shape: tuple[int, int, int] = DEMO_SHAPE):
     """One synthetic case: two channel volumes and a label volume with the same geometry."""
-    from .dataset import Geometry, Volume
+    from .imaging import Geometry, Volume
 
     rng = np.random.default_rng(seed)
     z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
@@ -67,8 +67,8 @@ def generate_case(seed: int, shape: tuple[int, int, int] = DEMO_SHAPE):
 
 
 def generate_source(n_cases: int = 10, seed: int = 0):
-    """A :class:`~AutoNNUNetLib.dataset.DatasetSource` of ``n_cases`` generated two-channel cases."""
-    from .dataset import Case, DatasetSource
+    """A :class:`~AutoNNUNetLib.dataset.records.DatasetSource` of ``n_cases`` generated two-channel cases."""
+    from .dataset.records import Case, DatasetSource
 
     cases = []
     for i in range(n_cases):
@@ -98,7 +98,7 @@ def run_demo(
 ) -> DemoResult:
     """dataset -> fingerprint -> train -> predict on a held-out generated case."""
     from .config import TrialConfig
-    from .dataset import build_dataset
+    from .dataset.build import build_dataset
     from .fingerprint import plan_and_preprocess
     from .inference import Predictor
     from .trainer import model_dir_name, train
@@ -149,8 +149,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"model folder: {result.model_dir}")
     print(f"total time: {result.seconds:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"dice": result.dice_per_class, "validation_dice": result.validation_dice,
-                                               "seconds": result.seconds, "model_dir": str(result.model_dir)}))
+        atomic_write_json(args.json, {"dice": result.dice_per_class, "validation_dice": result.validation_dice,
+                                      "seconds": result.seconds, "model_dir": str(result.model_dir)})
     return 0
 
 

@@ -45,6 +45,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from .errors import AutoNNUNetError
+from .files import atomic_write_json
 from .events import ProgressCallback, ProgressEvent
 from .workspace import PLANS_NAME, Workspace, WorkspaceError
 
@@ -223,7 +224,7 @@ def plan_and_preprocess(
 
     dataset_json = workspace.load_dataset_json()
     counts = count_class_voxels(workspace.raw_dataset, dataset_json)
-    (workspace.preprocessed_dataset / CLASS_VOXELS_FILE).write_text(json.dumps(counts, indent=1))
+    atomic_write_json(workspace.preprocessed_dataset / CLASS_VOXELS_FILE, counts, indent=1)
     summary = summarize(workspace, configuration=todo[0])
     emit(ProgressEvent("progress", {"fraction": 1.0, "message": "fingerprint and plans ready"}))
     return summary

@@ -1,4 +1,4 @@
-"""Tests of AutoNNUNetLib.dataset: assembly from every source kind, validation, atomic writing, CLI.
+"""Tests of the AutoNNUNetLib.dataset package: assembly from every source kind, validation, atomic writing, CLI.
 
 The real hippocampus cases are used by path (a 4-case copy for detailed checks, all 60 once);
 everything else is small synthetic data built here, so the file runs in seconds.
@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from AutoNNUNetLib import cli
 from AutoNNUNetLib import dataset as ds
+from AutoNNUNetLib.dataset import build as ds_build
 from AutoNNUNetLib.dataset import (
     Case,
     ChannelFile,
@@ -33,7 +34,7 @@ from AutoNNUNetLib.dataset import (
 from AutoNNUNetLib.events import ProgressEvent
 from AutoNNUNetLib.workspace import Workspace
 
-HIPPOCAMPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Task04_Hippocampus"
+HIPPOCAMPUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "Task04_Hippocampus"
 FLOAT_LABEL_CASE = "hippocampus_243"  # its label file is stored as float32 (a quirk kept on purpose)
 
 # An oblique, non-trivial grid: catches any code that drops or transposes the direction matrix.
@@ -531,7 +532,7 @@ BAD_KINDS = [
 def test_bad_input_is_rejected_naming_the_case(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cases, n_channels, bad_id, phrases = _bad(kind)
     writes = []
-    monkeypatch.setattr(ds, "_write_case", lambda *a, **k: writes.append(a))  # must never be reached
+    monkeypatch.setattr(ds_build, "write_case", lambda *a, **k: writes.append(a))  # must never be reached
     with pytest.raises(DatasetError) as info:
         build_dataset(volume_source(cases, n_channels=n_channels), tmp_path / "ws", name="Test")
     message = str(info.value)
@@ -617,7 +618,7 @@ def test_existing_dataset_is_never_destroyed(tmp_path: Path, monkeypatch: pytest
         build_dataset(bad_source, workspace, name="Keep", overwrite=True)
     assert snapshot(folder) == before
     # overwrite=True and a failure while writing (disk full, file gone): the old dataset stays.
-    real_write = ds._write_case
+    real_write = ds_build.write_case
     calls = []
 
     def failing_write(plan, *args):
@@ -626,7 +627,7 @@ def test_existing_dataset_is_never_destroyed(tmp_path: Path, monkeypatch: pytest
             raise OSError("No space left on device")
         return real_write(plan, *args)
 
-    monkeypatch.setattr(ds, "_write_case", failing_write)
+    monkeypatch.setattr(ds_build, "write_case", failing_write)
     with pytest.raises(DatasetError, match="case c1: writing failed: No space left on device"):
         build_dataset(volume_source(good[:2] + [volume_case("c9", 9)]), workspace, name="Keep", overwrite=True)
     monkeypatch.undo()

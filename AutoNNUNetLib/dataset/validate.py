@@ -1,0 +1,314 @@
+"""Every check a dataset needs, done before anything is written.
+
+Validation reads each case once: headers first (readability, grids, pixel types), then voxels
+one file at a time (completeness, NaN/Inf, label values), and keeps no voxel data. It returns a
+:class:`CasePlan` per case, which the write step follows, or raises one :class:`DatasetError`
+listing every problem of every case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..events import ProgressEvent
+from ..imaging import GEOMETRY_TOLERANCE, Geometry
+from .classes import (
+    BACKGROUND,
+    check_class_table,
+    class_table_from_cases,
+    find_class_value,
+    is_background,
+)
+from .headers import (
+    REAL_SCALAR_PIXEL_IDS,
+    FileCache,
+    Header,
+    array_of,
+    check_nifti_complete,
+    describe,
+    size_text,
+    spec_header,
+)
+from .records import CASE_ID_RE, Case, ChannelFile, DatasetError, DatasetSource, Problem
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+EMPTY_LABEL = "label map is empty (only background); every case needs some foreground"
+
+
+@dataclass
+class CasePlan:
+    """What validation learned about a case and the write step needs (no voxel data)."""
+
+    case: Case
+    headers: list[Header]
+    reference: Geometry                 # channel 0's grid: every file is written on it
+    dimension: int
+    label_values: list[float] = field(default_factory=list)
+    value_map: dict[float, int] = field(default_factory=dict)   # own label value -> class value
+
+
+@dataclass
+class Validated:
+    """A source that passed: one plan per case, the class table and channel names to write."""
+
+    plans: list[CasePlan]
+    classes: dict[str, int]
+    channel_names: list[str]
+
+
+def emit(progress: Optional[ProgressCallback], fraction: float, message: str) -> None:
+    if progress is not None:
+        progress(ProgressEvent("progress", {"fraction": round(min(max(fraction, 0.0), 1.0), 4), "message": message}))
+
+
+def _validate_case(
+    case: Case, n_channels: int, classes: Optional[dict[str, int]], tol: float
+) -> tuple[Optional[CasePlan], list[Problem]]:
+    """Check one case, reading it once and dropping the voxels before returning."""
+    problems: list[Problem] = []
+
+    def problem(message: str) -> None:
+        problems.append(Problem(case.case_id, message))
+
+    if len(case.channels) != n_channels:
+        problem(f"has {len(case.channels)} channel(s), expected {n_channels}")
+    if not case.channels:
+        return None, problems
+
+    # 1. Headers only: readability, channel grids and the label grid, before any voxel is read.
+    headers: list[Optional[Header]] = []
+    for i, spec in enumerate(case.channels):
+        try:
+            header = spec_header(spec)
+        except DatasetError as error:
+            problem(f"channel {i}: {error}")
+            header = None
+        else:
+            if header.pixel_id not in REAL_SCALAR_PIXEL_IDS:
+                problem(f"channel {i} ({describe(spec)}) has an unsupported pixel type")
+                header = None
+        headers.append(header)
+    try:
+        label_header: Optional[Header] = spec_header(case.label)
+    except DatasetError as error:
+        problem(f"label: {error}")
+        label_header = None
+    if label_header is not None and label_header.pixel_id not in REAL_SCALAR_PIXEL_IDS:
+        problem(f"label ({describe(case.label)}) has an unsupported pixel type")
+        label_header = None
+    if headers[0] is None:
+        return None, problems
+    reference, ref_size = headers[0].geometry, headers[0].size
+    if len(ref_size) not in (2, 3):
+        problem(f"channel 0 is {len(ref_size)}D; expected 2D or 3D")
+        return None, problems
+
+    def compare(what: str, header: Header) -> None:
+        if header.size != ref_size:
+            problem(f"{what} size {size_text(header.size)} differs from channel 0's {size_text(ref_size)} (x, y, z voxels)")
+            return
+        differences = header.geometry.differences(reference, tol)
+        if differences:
+            problem(f"{what} grid differs from channel 0 (beyond tolerance {tol:g}): " + "; ".join(differences))
+
+    for i, header in enumerate(headers[1:], start=1):
+        if header is not None:
+            compare(f"channel {i} ({describe(case.channels[i])})", header)
+    if label_header is not None:
+        compare(f"label ({describe(case.label)})", label_header)
+    if problems:
+        return None, problems  # the grids are wrong: reading voxels would only add noise
+
+    # 2. Voxels, one file at a time: NaN/Inf in images (only float types can hold them).
+    cache = FileCache()
+    try:
+        for path in case.files():
+            check_nifti_complete(Path(path))
+        for i, (spec, header) in enumerate(zip(case.channels, headers)):
+            assert header is not None
+            if not header.is_float:
+                continue
+            array = array_of(spec, cache)
+            finite = np.isfinite(array)
+            if not finite.all():
+                bad = int(array.size - np.count_nonzero(finite))
+                problem(f"channel {i} ({describe(spec)}) has {bad} NaN/Inf voxel(s)")
+            del array, finite
+            if not isinstance(spec, ChannelFile):
+                cache.clear()  # keep a 4D file for its next channel, drop everything else at once
+        cache.clear()
+
+        # 3. The label map: finite, integral, known values, some foreground.
+        assert label_header is not None
+        array = array_of(case.label, cache)
+        values = unique_values(array)
+        del array
+        cache.clear()
+    except DatasetError as error:
+        problem(str(error))
+        return None, problems
+    values = _check_label_values(values, problem)
+    plan = CasePlan(case, [h for h in headers if h is not None], reference, len(ref_size), label_values=values)
+    if values and classes is not None:
+        plan.value_map = _map_values(case, values, classes, problem)
+        foreground = {c for c in plan.value_map.values() if c != 0 and c != classes.get("ignore", -1)}
+        if not foreground:
+            problem(EMPTY_LABEL)
+    return (None if problems else plan), problems
+
+
+def unique_values(array: np.ndarray) -> np.ndarray:
+    """The distinct values of a label array (sorted)."""
+    if array.dtype in (np.uint8, np.uint16, np.bool_):
+        # Counting is far cheaper than sorting for small unsigned types.
+        counts = np.bincount(array.ravel().astype(np.intp, copy=False) if array.dtype == np.bool_ else array.ravel())
+        return np.flatnonzero(counts)
+    return np.unique(array)
+
+
+def _check_label_values(values: np.ndarray, problem: Callable[[str], None]) -> list[float]:
+    """Reject NaN/Inf and non-integral label values; return the values as Python numbers."""
+    if values.dtype.kind == "f":
+        finite = np.isfinite(values)
+        if not finite.all():
+            problem("label map has NaN/Inf values")
+            values = values[finite]
+        fractional = values[values != np.round(values)]
+        if fractional.size:
+            shown = ", ".join(f"{v:g}" for v in fractional[:5])
+            problem(f"label map has non-integral values ({shown}{', ...' if fractional.size > 5 else ''})")
+            return []
+    return [int(v) for v in values]
+
+
+def _map_values(
+    case: Case, values: Sequence[int], classes: Mapping[str, int], problem: Callable[[str], None]
+) -> dict[float, int]:
+    """Own label value -> class value, through ``label_names`` when the case has them."""
+    table = ", ".join(f"{n}={v}" for n, v in sorted(classes.items(), key=lambda kv: kv[1]))
+    mapping: dict[float, int] = {}
+    if case.label_names is not None:
+        unnamed, unknown = [], []
+        for value in values:
+            name = case.label_names.get(value)
+            if name is None:
+                if value == 0:
+                    mapping[value] = 0  # unnamed 0 is background, as in every label map export
+                else:
+                    unnamed.append(value)
+                continue
+            target = 0 if is_background(name) else find_class_value(classes, name)
+            if target is None:
+                unknown.append(f"{name!r} (value {value})")
+            else:
+                mapping[value] = target
+        if unnamed:
+            problem(f"label values {unnamed} have no name in label_names {case.label_names}")
+        if unknown:
+            problem(f"class name(s) {', '.join(unknown)} not in the class table ({table})")
+    else:
+        known = set(classes.values())
+        unknown_values = [v for v in values if v not in known]
+        if unknown_values:
+            problem(f"label values {unknown_values} not in the class table ({table})")
+        mapping = {v: v for v in values if v in known}
+    return mapping
+
+
+def _consecutive_problems(classes: Mapping[str, int]) -> list[Problem]:
+    values = sorted(set(classes.values()))
+    expected = list(range(len(values)))
+    if values != expected:
+        message = f"class values must be consecutive 0..{len(expected) - 1} (nnU-Net's rule), got {values}"
+        return [Problem(None, message)]
+    return []
+
+
+def validate(
+    source: DatasetSource,
+    tol: float = GEOMETRY_TOLERANCE,
+    progress: Optional[ProgressCallback] = None,
+    share: float = 1.0,
+) -> Validated:
+    """Check every case of ``source``; raise one :class:`DatasetError` listing every problem."""
+    problems: list[Problem] = []
+    cases = list(source.cases)
+    ids = [c.case_id for c in cases]
+    if len(cases) < 2:
+        which = f" ({', '.join(ids)})" if ids else ""
+        message = f"only {len(cases)} case(s){which}; nnU-Net needs at least 2"
+        problems.append(Problem(ids[0] if len(ids) == 1 else None, message))
+    seen: set[str] = set()
+    for case_id in ids:
+        if case_id in seen:
+            problems.append(Problem(case_id, f"duplicate case id (appears {ids.count(case_id)} times)"))
+        seen.add(case_id)
+        if not CASE_ID_RE.match(case_id):
+            message = "invalid case id: use letters, digits, '_', '-', '.' and start with a letter or digit"
+            problems.append(Problem(case_id, message))
+    problems = list(dict.fromkeys(problems))  # one "duplicate" line per id
+
+    n_channels = len(source.channel_names) if source.channel_names else (len(cases[0].channels) if cases else 1)
+    channel_names = list(source.channel_names) if source.channel_names else [f"channel_{i}" for i in range(n_channels)]
+    if len(set(channel_names)) != len(channel_names):
+        problems.append(Problem(None, f"channel names must be distinct, got {channel_names}"))
+
+    # The class table: given, from segment names, or (None) from the values found below.
+    named = [c.label_names is not None for c in cases]
+    classes: Optional[dict[str, int]]
+    if source.classes is not None:
+        classes = dict(source.classes)
+        problems += check_class_table(classes) + _consecutive_problems(classes)
+    elif cases and all(named):
+        classes = class_table_from_cases(cases)
+    elif any(named):
+        unnamed = [c.case_id for c in cases if c.label_names is None]
+        problems.append(Problem(unnamed[0], f"cases {unnamed} have no label_names while others do; give a class table"))
+        classes = None
+    else:
+        classes = None
+
+    plans: list[CasePlan] = []
+    dimension: Optional[tuple[int, str]] = None
+    for index, case in enumerate(cases):
+        plan, case_problems = _validate_case(case, n_channels, classes, tol)
+        problems += case_problems
+        if plan is not None:
+            if dimension is None:
+                dimension = (plan.dimension, case.case_id)
+            elif plan.dimension != dimension[0]:
+                message = f"is {plan.dimension}D but case {dimension[1]} is {dimension[0]}D"
+                problems.append(Problem(case.case_id, message))
+            plans.append(plan)
+        emit(progress, share * (index + 1) / max(len(cases), 1), f"checked {case.case_id}")
+
+    if classes is None and not problems:
+        # No table given: every value found becomes a class, numbered consecutively as nnU-Net wants.
+        found = sorted({v for plan in plans for v in plan.label_values} - {0})
+        negative = [v for v in found if v < 0]
+        if negative:
+            problems.append(Problem(None, f"negative label values {negative} found; give a class table"))
+        classes = {BACKGROUND: 0, **{f"label_{v}": i for i, v in enumerate(found, start=1)}}
+        for plan in plans:
+            plan.value_map = {v: (0 if v == 0 else classes[f"label_{v}"]) for v in plan.label_values}
+            if not any(plan.value_map.values()):
+                problems.append(Problem(plan.case.case_id, EMPTY_LABEL))
+    if problems:
+        raise DatasetError(problems)
+    assert classes is not None
+    # nnU-Net requires the name "background" for value 0, whatever the table called it.
+    classes = {(BACKGROUND if v == 0 else n): v for n, v in sorted(classes.items(), key=lambda kv: kv[1])}
+    return Validated(plans, classes, channel_names)
+
+
+def check_source(source: DatasetSource, tolerance: float = GEOMETRY_TOLERANCE) -> dict[str, int]:
+    """Validate without writing; return the class table that would be written.
+
+    Raises :class:`DatasetError` listing every problem. Useful for a "Check" button.
+    """
+    return validate(source, tolerance).classes
