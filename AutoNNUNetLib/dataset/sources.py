@@ -12,7 +12,9 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+from ..files import is_within
 from ..workspace import DATASET_NAME_RE
+from .containment import OUTSIDE, check_inside, inside
 from .headers import read_header
 from .records import FILE_ENDING, KNOWN_ENDINGS, Case, ChannelFile, ChannelSpec, DatasetError, DatasetSource, PathLike
 
@@ -74,7 +76,7 @@ def source_from_msd(folder: PathLike) -> DatasetSource:
     """A Medical Segmentation Decathlon task folder (``dataset.json`` with ``modality``, ``labels``,
     ``training``). 4D multi-channel images are split into their channels."""
     folder = Path(folder)
-    meta = _load_json(folder / "dataset.json")
+    meta = _load_json(inside(folder, "dataset.json", "dataset.json"))
     channel_names = _indexed_names(meta.get("modality") or {"0": "image"}, "modality", folder / "dataset.json")
     labels = meta.get("labels")
     if not isinstance(labels, dict) or not labels:
@@ -91,13 +93,16 @@ def source_from_msd(folder: PathLike) -> DatasetSource:
             {"image": f"imagesTr/{p.name}", "label": f"labelsTr/{p.name}"}
             for p in sorted((folder / "labelsTr").glob("*.nii*"))
             if not p.name.startswith(".")
-        ]
+        ]  # checked like listed entries below
+    if not isinstance(entries, list):
+        raise DatasetError(f"{folder / 'dataset.json'}: 'training' must be a list of image/label entries")
     cases = []
-    for entry in entries:
-        try:
-            image, label = folder / entry["image"], folder / entry["label"]
-        except (KeyError, TypeError):
-            raise DatasetError(f"{folder / 'dataset.json'}: bad 'training' entry {entry!r}") from None
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise DatasetError(f"{folder / 'dataset.json'}: 'training' entry {number} needs an 'image' and a 'label'")
+        where = f"dataset.json 'training' entry {number}"
+        image = inside(folder, entry["image"], f"{where} image")
+        label = inside(folder, entry["label"], f"{where} label")
         cases.append(Case(strip_ending(label.name), expand_channels([image]), label))
     return DatasetSource(
         cases,
@@ -113,7 +118,7 @@ def source_from_nnunet_raw(folder: PathLike) -> DatasetSource:
     """An nnU-Net v2 raw dataset folder (``imagesTr``, ``labelsTr``, ``dataset.json``), e.g. to copy,
     check or re-number one. Cases come from both folders, so an image without label is reported."""
     folder = Path(folder)
-    meta = _load_json(folder / "dataset.json")
+    meta = _load_json(inside(folder, "dataset.json", "dataset.json"))
     channels = meta.get("channel_names", meta.get("modality"))
     if not isinstance(channels, dict) or not channels:
         raise DatasetError(f"{folder / 'dataset.json'} has no 'channel_names'")
@@ -134,16 +139,23 @@ def source_from_nnunet_raw(folder: PathLike) -> DatasetSource:
     if isinstance(meta.get("dataset"), dict):
         # The alternative layout: explicit file lists, relative to the dataset folder.
         for case_id, entry in meta["dataset"].items():
-            images = [folder / p for p in entry.get("images", [])]
-            cases.append(Case(case_id, list(images), folder / entry.get("label", f"labelsTr/{case_id}{ending}")))
+            where = f"dataset.json 'dataset' entry {case_id!r}"
+            if not isinstance(entry, dict) or not isinstance(entry.get("images", []), list):
+                raise DatasetError(f"{where}: expected {{'images': [...], 'label': ...}}")
+            images = [inside(folder, p, f"{where} image {i}") for i, p in enumerate(entry.get("images", []))]
+            label = inside(folder, entry.get("label", f"labelsTr/{case_id}{ending}"), f"{where} label")
+            cases.append(Case(case_id, images, label))
     else:
         label_files = (folder / "labelsTr").glob(f"*{ending}")
         label_ids = {p.name[: -len(ending)] for p in label_files if not p.name.startswith(".")}
         image_re = re.compile(r"^(.*)_(\d{4})" + re.escape(ending) + "$")
         image_ids = {m.group(1) for p in (folder / "imagesTr").glob(f"*{ending}") if (m := image_re.match(p.name))}
         for case_id in sorted(label_ids | image_ids):
-            images = [folder / "imagesTr" / f"{case_id}_{i:04d}{ending}" for i in range(n)]
-            cases.append(Case(case_id, list(images), folder / "labelsTr" / f"{case_id}{ending}"))
+            # Listed names cannot hold "..", but a listed file (or imagesTr itself) may be a link.
+            images = [inside(folder, f"imagesTr/{case_id}_{i:04d}{ending}", f"case {case_id} channel {i}")
+                      for i in range(n)]
+            label = inside(folder, f"labelsTr/{case_id}{ending}", f"case {case_id} label")
+            cases.append(Case(case_id, images, label))
     match = DATASET_NAME_RE.match(folder.name)
     return DatasetSource(cases, classes, channel_names, name=match.group(2) if match else folder.name, folder=folder)
 
@@ -223,15 +235,25 @@ def read_pairs_csv(path: PathLike) -> list[tuple[str, list[Path], Path]]:
     return rows
 
 
-def detect_source(path: PathLike) -> DatasetSource:
+def detect_source(path: PathLike, root: Optional[PathLike] = None) -> DatasetSource:
     """An MSD task folder or an nnU-Net raw folder, told apart by their ``dataset.json``
-    (a ``.csv`` file is read as pairs with :func:`read_pairs_csv`)."""
+    (a ``.csv`` file is read as pairs with :func:`read_pairs_csv`).
+
+    With ``root`` (the folder an upload was extracted into), ``path`` and every file of the source
+    must resolve inside it (:func:`~.containment.check_inside`): the check for untrusted input.
+    """
     path = Path(path)
+    if root is not None:
+        if not is_within(path, root):
+            raise DatasetError(f"the source {OUTSIDE}")
+        source = detect_source(path)
+        check_inside(source, root)
+        return source
     if path.is_file() and path.suffix.lower() == ".csv":
         return source_from_pairs(read_pairs_csv(path))
     if not path.is_dir():
         raise DatasetError(f"{path} is not a folder (expected an MSD task or nnU-Net raw dataset folder)")
-    meta = _load_json(path / "dataset.json")
+    meta = _load_json(inside(path, "dataset.json", "dataset.json"))
     if "channel_names" in meta or "file_ending" in meta:
         return source_from_nnunet_raw(path)
     if "modality" in meta or "training" in meta:

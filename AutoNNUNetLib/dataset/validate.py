@@ -23,6 +23,7 @@ from .classes import (
     find_class_value,
     is_background,
 )
+from .containment import outside_files
 from .headers import (
     REAL_SCALAR_PIXEL_IDS,
     FileCache,
@@ -236,6 +237,11 @@ def validate(
     share: float = 1.0,
 ) -> Validated:
     """Check every case of ``source``; raise one :class:`DatasetError` listing every problem."""
+    if source.folder is not None:
+        # Again at the moment of reading: a link may have changed since the source was listed.
+        outside = outside_files(source, source.folder)
+        if outside:
+            raise DatasetError(outside)
     problems: list[Problem] = []
     cases = list(source.cases)
     ids = [c.case_id for c in cases]
