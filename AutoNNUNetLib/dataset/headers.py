@@ -179,12 +179,13 @@ def _nifti_expected_length(head: bytes) -> Optional[int]:
     return offset + int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]])) * bitpix // 8
 
 
-def nonfinite_voxels(path: PathLike) -> int:
+def nonfinite_voxels(path: PathLike, channel: Optional[int] = None) -> int:
     """How many voxels of an image file are NaN or +-Inf (0 for integer files).
 
     NIfTI files are read with nibabel, because ITK's NIfTI reader (and so SimpleITK) silently
     returns 0 for NaN/Inf; nnU-Net's NibabelIO and most tools keep them. Other formats are read
-    with SimpleITK, which keeps them. Raises :class:`DatasetError` for an unreadable file.
+    with SimpleITK, which keeps them. ``channel`` counts one channel of a 4D (or vector) file
+    only. Raises :class:`DatasetError` (naming the file, not its folder) for an unreadable file.
     """
     path = Path(path)
     if is_nifti(path):
@@ -197,14 +198,19 @@ def nonfinite_voxels(path: PathLike) -> int:
             array = np.asanyarray(image.dataobj)
         except Exception as error:  # nibabel raises many types for broken files
             raise DatasetError(f"cannot read {path.name}: {error}") from None
+        if channel is not None and array.ndim >= 4:
+            # nibabel order is x, y, z, t[, components]: the channel is the 4th axis (or the 5th).
+            array = array[..., channel] if array.ndim == 4 else array[:, :, :, 0, channel]
     else:
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as error:
             raise DatasetError(f"cannot read {path.name}: {sitk_reason(error)}") from None
-        if image.GetPixelID() not in FLOAT_PIXEL_IDS and image.GetNumberOfComponentsPerPixel() == 1:
+        if image.GetPixelID() in REAL_SCALAR_PIXEL_IDS - FLOAT_PIXEL_IDS:
             return 0
         array = sitk.GetArrayViewFromImage(image)
+        if channel is not None:
+            array = array[..., channel] if image.GetNumberOfComponentsPerPixel() > 1 else array[channel]
     if array.dtype.kind not in "fc":
         return 0
     return int(array.size - np.count_nonzero(np.isfinite(array)))

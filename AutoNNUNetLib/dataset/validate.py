@@ -31,6 +31,8 @@ from .headers import (
     array_of,
     check_nifti_complete,
     describe,
+    is_nifti,
+    nonfinite_voxels,
     size_text,
     spec_header,
 )
@@ -132,17 +134,15 @@ def _validate_case(
             check_nifti_complete(Path(path))
         for i, (spec, header) in enumerate(zip(case.channels, headers)):
             assert header is not None
-            if not header.is_float:
-                continue
-            array = array_of(spec, cache)
-            finite = np.isfinite(array)
-            if not finite.all():
-                bad = int(array.size - np.count_nonzero(finite))
+            bad = _nonfinite(spec, header, cache)
+            if bad:
                 problem(f"channel {i} ({describe(spec)}) has {bad} NaN/Inf voxel(s)")
-            del array, finite
             if not isinstance(spec, ChannelFile):
                 cache.clear()  # keep a 4D file for its next channel, drop everything else at once
         cache.clear()
+        bad_labels = _nonfinite(case.label, label_header, cache) if _is_nifti_file(case.label) else 0
+        if bad_labels:
+            problem(f"label map has {bad_labels} NaN/Inf voxel(s)")
 
         # 3. The label map: finite, integral, known values, some foreground.
         assert label_header is not None
@@ -161,6 +161,26 @@ def _validate_case(
         if not foreground:
             problem(EMPTY_LABEL)
     return (None if problems else plan), problems
+
+
+def _is_nifti_file(spec) -> bool:
+    path = spec.path if isinstance(spec, ChannelFile) else spec
+    return isinstance(path, Path) and is_nifti(path)
+
+
+def _nonfinite(spec, header: Header, cache: FileCache) -> int:
+    """NaN/Inf voxels of one channel or label, counted the way nnU-Net will read them.
+
+    NIfTI goes through nibabel (SimpleITK reads NaN/Inf in NIfTI as 0, nnU-Net's NibabelIO does
+    not); everything else through SimpleITK or the array itself. Only float data can hold them.
+    """
+    if _is_nifti_file(spec):
+        path = spec.path if isinstance(spec, ChannelFile) else spec
+        return nonfinite_voxels(path, spec.index if isinstance(spec, ChannelFile) else None)
+    if not header.is_float:
+        return 0
+    array = array_of(spec, cache)
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
 
 
 def unique_values(array: np.ndarray) -> np.ndarray:

@@ -1,0 +1,67 @@
+"""Issue 12 items 12-15, 17: what the voxels and tables of real files can get wrong at intake.
+
+Every file is written by SimpleITK (or nibabel) the way users' tools write them. Each refusal is
+one message naming the case and the problem, and leaves the workspace empty.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from intake_cases import SHAPE, image, label, nothing_written, pairs_folder, write
+from AutoNNUNetLib.dataset.build import build_dataset
+from AutoNNUNetLib.dataset.headers import nonfinite_voxels
+from AutoNNUNetLib.dataset.records import DatasetError
+from AutoNNUNetLib.dataset.sources import source_from_pairs
+
+
+def refusal(rows, workdir: Path, **source_options) -> str:
+    with pytest.raises(DatasetError) as info:
+        build_dataset(source_from_pairs(rows, **source_options), workdir, name="Test")
+    assert nothing_written(workdir)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Item 12: NaN/Inf in NIfTI files, which SimpleITK reads as 0
+
+
+def test_nan_and_inf_in_nifti_images_and_float_labels_are_found(tmp_path: Path) -> None:
+    rows = pairs_folder(tmp_path / "in")
+    bad_image = image(3)
+    bad_image[1, 2, 3] = np.nan
+    bad_image[0, 0, :2] = np.inf
+    write(bad_image, rows[3][1][0])
+    bad_label = label(1).astype(np.float32)
+    bad_label[2, 2, 2] = -np.inf
+    write(bad_label, rows[1][2])
+    # Why a second reader is needed: SimpleITK hands the NaN/Inf back as 0.
+    assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(rows[3][1][0])))).all()
+
+    message = refusal(rows, tmp_path / "ws")
+    assert "case c3: channel 0 (i3.nii.gz) has 3 NaN/Inf voxel(s)" in message
+    assert "case c1: label map has 1 NaN/Inf voxel(s)" in message
+    assert "case c0" not in message and "case c2" not in message
+
+
+def test_nonfinite_voxels_helper(tmp_path: Path) -> None:
+    array = image(0)
+    array[0, 0, 0] = np.nan
+    for ending in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        assert nonfinite_voxels(write(array, tmp_path / f"a{ending}")) == 1
+    assert nonfinite_voxels(write(image(1), tmp_path / "clean.nii.gz")) == 0
+    assert nonfinite_voxels(write(label(1), tmp_path / "int.nii.gz")) == 0
+    # A 4D two-channel NIfTI written by nibabel: counted per channel.
+    four_d = np.stack([array.T, image(2).T], axis=-1)
+    nibabel.save(nibabel.Nifti1Image(four_d, np.eye(4)), str(tmp_path / "two.nii.gz"))
+    assert [nonfinite_voxels(tmp_path / "two.nii.gz", c) for c in (0, 1)] == [1, 0]
+    assert nonfinite_voxels(tmp_path / "two.nii.gz") == 1
+    (tmp_path / "broken.nii.gz").write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match="cannot read broken.nii.gz"):
+        nonfinite_voxels(tmp_path / "broken.nii.gz")
