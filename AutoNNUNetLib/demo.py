@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from .errors import UserInputError
 from .files import atomic_write_json
 from .events import EventWriter, ProgressCallback, ProgressEvent
 
@@ -102,8 +103,13 @@ def run_demo(
     from .fingerprint import plan_and_preprocess
     from .inference import Predictor
     from .trainer import model_dir_name, train
+    from .dataset.validate import MIN_CASES
     from .workspace import Workspace
 
+    if isinstance(n_cases, bool) or not isinstance(n_cases, int) or n_cases < MIN_CASES:
+        # Refused before anything is generated: nnU-Net's 5-fold split fails after preprocessing.
+        raise UserInputError(f"--cases {n_cases}: the demo needs at least {MIN_CASES} cases for nnU-Net's "
+                             "5-fold cross-validation split")
     emit = progress or (lambda event: None)
     start = time.perf_counter()
     workspace = Workspace(workdir)

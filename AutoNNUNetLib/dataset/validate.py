@@ -40,6 +40,10 @@ from .records import CASE_ID_RE, Case, ChannelFile, DatasetError, DatasetSource,
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
+#: nnU-Net splits the training cases into 5 folds (scikit-learn KFold) after preprocessing and fails
+#: there with fewer cases; refusing at intake says so before any time is spent.
+MIN_CASES = 5
+
 EMPTY_LABEL = "label map is empty (only background); every case needs some foreground"
 
 
@@ -265,9 +269,10 @@ def validate(
     problems: list[Problem] = []
     cases = list(source.cases)
     ids = [c.case_id for c in cases]
-    if len(cases) < 2:
-        which = f" ({', '.join(ids)})" if ids else ""
-        message = f"only {len(cases)} case(s){which}; nnU-Net needs at least 2"
+    if len(cases) < MIN_CASES:
+        which = f" ({', '.join(ids)})" if 0 < len(ids) <= 4 else ""
+        message = (f"only {len(cases)} case(s){which}; nnU-Net's 5-fold cross-validation needs at least "
+                   f"{MIN_CASES} (one validation case per fold): add labeled cases")
         problems.append(Problem(ids[0] if len(ids) == 1 else None, message))
     seen: set[str] = set()
     for case_id in ids:

@@ -68,12 +68,12 @@ def _pixel_type(path: Path) -> int:
 
 @pytest.fixture
 def hippo_subset(hippo: Path, tmp_path: Path) -> Path:
-    """An MSD folder with 4 hippocampus cases: the float32 label, a uint8 image and float32 images."""
+    """An MSD folder with 5 hippocampus cases: the float32 label, a uint8 image and float32 images."""
     meta = json.loads((hippo / "dataset.json").read_text())
     ids = [Path(e["label"]).name[: -len(".nii.gz")] for e in meta["training"]]
     uint8_ids = [i for i in ids if _pixel_type(hippo / "imagesTr" / f"{i}.nii.gz") == sitk.sitkUInt8]
     float_ids = [i for i in ids if i not in uint8_ids and i != FLOAT_LABEL_CASE]
-    chosen = [FLOAT_LABEL_CASE, uint8_ids[0], *float_ids[:2]]
+    chosen = [FLOAT_LABEL_CASE, uint8_ids[0], *float_ids[:3]]
     folder = tmp_path / "Task04_subset"
     for sub in ("imagesTr", "labelsTr"):
         (folder / sub).mkdir(parents=True)
@@ -173,7 +173,7 @@ def test_msd_subset_geometry_values_and_dtypes(hippo_subset: Path, tmp_path: Pat
     meta = json.loads((folder / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "MRI"}
     assert meta["labels"] == {"background": 0, "Anterior": 1, "Posterior": 2}
-    assert meta["numTraining"] == 4
+    assert meta["numTraining"] == 5
     assert meta["file_ending"] == ".nii.gz"
 
     image_types = set()
@@ -228,7 +228,7 @@ def test_written_dataset_reads_in_nnunet(hippo_subset: Path, tmp_path: Path) -> 
     assert props["spacing"] == seg_props["spacing"]
 
 
-def _write_4d_msd(folder: Path, n_cases: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
+def _write_4d_msd(folder: Path, n_cases: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
     """An MSD task with 2-channel cases stored as 4D NIfTI (x, y, z, channel), like BrainTumour."""
     (folder / "imagesTr").mkdir(parents=True)
     (folder / "labelsTr").mkdir()
@@ -280,7 +280,7 @@ def test_nnunet_raw_source_with_mha_and_two_channels(tmp_path: Path) -> None:
     (raw / "imagesTr").mkdir(parents=True)
     (raw / "labelsTr").mkdir()
     truth = {}
-    for k in range(3):
+    for k in range(5):
         case_id = f"organ_{k:02d}"
         channels = [image_array(k * 10 + c, dtype=np.int16) for c in range(2)]
         for c, array in enumerate(channels):
@@ -288,7 +288,7 @@ def test_nnunet_raw_source_with_mha_and_two_channels(tmp_path: Path) -> None:
         label = label_array(k).astype(np.int32)  # stored wider than needed
         write_image(label, raw / "labelsTr" / f"{case_id}.mha")
         truth[case_id] = (channels, label)
-    meta = {"channel_names": {"0": "CT", "1": "PET"}, "labels": CLASSES, "numTraining": 3, "file_ending": ".mha"}
+    meta = {"channel_names": {"0": "CT", "1": "PET"}, "labels": CLASSES, "numTraining": 5, "file_ending": ".mha"}
     (raw / "dataset.json").write_text(json.dumps(meta))
 
     source = detect_source(raw)
@@ -314,7 +314,7 @@ def test_nnunet_raw_source_with_mha_and_two_channels(tmp_path: Path) -> None:
         np.testing.assert_array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
 
 
-def _write_pairs(folder: Path, n: int = 3, label_values=(1, 2)) -> list[tuple[str, list[Path], Path]]:
+def _write_pairs(folder: Path, n: int = 5, label_values=(1, 2)) -> list[tuple[str, list[Path], Path]]:
     """Cases in patientNN/ folders: T1 as NRRD (float64), T2 as MHA (uint16), label as NRRD (int16)."""
     rows = []
     for k in range(n):
@@ -350,7 +350,7 @@ def test_pairs_without_ids_or_classes(tmp_path: Path) -> None:
     renumbered consecutively (nnU-Net's rule) with the original value kept in the name."""
     rows = _write_pairs(tmp_path / "in", label_values=(1, 3))
     source = source_from_pairs([(images[0], label) for _, images, label in rows])
-    assert [c.case_id for c in source.cases] == ["patient00_seg", "patient01_seg", "patient02_seg"]
+    assert [c.case_id for c in source.cases] == [f"patient0{k}_seg" for k in range(5)]
     folder = build_dataset(source, tmp_path / "ws", name="Inferred")
     meta = json.loads((folder / "dataset.json").read_text())
     assert meta["labels"] == {"background": 0, "label_1": 1, "label_3": 2}
@@ -361,7 +361,7 @@ def test_pairs_without_ids_or_classes(tmp_path: Path) -> None:
 
 
 def test_in_memory_multichannel_volumes(tmp_path: Path) -> None:
-    cases = [volume_case(f"case{k}", seed=k, n_channels=3) for k in range(3)]
+    cases = [volume_case(f"case{k}", seed=k, n_channels=3) for k in range(5)]
     folder = build_dataset(volume_source(cases, n_channels=3), tmp_path / "ws", name="Arrays")
     meta = json.loads((folder / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "T1", "1": "T2", "2": "FLAIR"}
@@ -384,6 +384,8 @@ def test_label_names_remap_cases_with_different_segment_orders(tmp_path: Path) -
         volume_case("a", 0, label=base, label_names={1: "liver", 2: "spleen"}),
         volume_case("b", 1, label=base, label_names={1: "spleen", 2: "liver"}),
         volume_case("c", 2, label=base * 3, label_names={3: "Liver", 6: "spleen"}),  # other values, other case
+        volume_case("d", 3, label=base, label_names={1: "LIVER", 2: "Spleen"}),
+        volume_case("e", 4, label=base, label_names={1: "liver", 2: "spleen"}),
     ]
     folder = build_dataset(volume_source(cases), tmp_path / "ws", name="Remap")
     a, b, c = (sitk.GetArrayFromImage(read(folder / "labelsTr" / f"{x}.nii.gz")) for x in "abc")
@@ -395,6 +397,7 @@ def test_label_names_remap_cases_with_different_segment_orders(tmp_path: Path) -
     cases = [
         volume_case("a", 0, label=base, label_names={1: "kidney", 2: "liver"}),
         volume_case("b", 1, label=base, label_names={1: "liver", 2: "kidney"}),
+        *(volume_case(f"x{k}", k, label=base, label_names={1: "kidney", 2: "liver"}) for k in range(3)),
     ]
     folder = build_dataset(volume_source(cases, classes=None), tmp_path / "ws2", name="Named")
     assert json.loads((folder / "dataset.json").read_text())["labels"] == {"background": 0, "kidney": 1, "liver": 2}
@@ -404,7 +407,7 @@ def test_label_names_remap_cases_with_different_segment_orders(tmp_path: Path) -
 
 def test_geometry_within_tolerance_is_accepted_and_snapped(tmp_path: Path) -> None:
     nudged = Geometry(OBLIQUE.spacing, tuple(o + 1e-6 for o in OBLIQUE.origin), OBLIQUE.direction)
-    cases = [volume_case("a", 0, label_geometry=nudged), volume_case("b", 1)]
+    cases = [volume_case("a", 0, label_geometry=nudged), *(volume_case(f"b{k}", k) for k in range(1, 5))]
     folder = build_dataset(volume_source(cases), tmp_path / "ws", name="Snap")
     image, label = read(folder / "imagesTr" / "a_0000.nii.gz"), read(folder / "labelsTr" / "a.nii.gz")
     assert_same_grid(image, label)  # label written on the image's grid exactly
@@ -413,7 +416,7 @@ def test_geometry_within_tolerance_is_accepted_and_snapped(tmp_path: Path) -> No
 def test_2d_cases(tmp_path: Path) -> None:
     geometry = Geometry((0.5, 0.7), (3.0, -4.0), (0.0, 1.0, -1.0, 0.0))
     cases = [
-        Case(f"slice{k}", [Volume(image_array(k)[0], geometry)], Volume(label_array(k)[1], geometry)) for k in range(2)
+        Case(f"slice{k}", [Volume(image_array(k)[0], geometry)], Volume(label_array(k)[1], geometry)) for k in range(5)
     ]
     folder = build_dataset(volume_source(cases), tmp_path / "ws", name="Flat")
     for case in cases:
@@ -431,7 +434,7 @@ def test_many_classes_use_wider_label_type(tmp_path: Path) -> None:
     label = np.zeros(SHAPE, np.int32)
     label.flat[: len(values)] = values
     classes = {"background": 0, **{f"c{v}": v for v in values}}
-    cases = [volume_case(x, i, label=label) for i, x in enumerate("ab")]
+    cases = [volume_case(x, i, label=label) for i, x in enumerate("abcde")]
     folder = build_dataset(volume_source(cases, classes=classes), tmp_path / "ws", name="Wide")
     out = read(folder / "labelsTr" / "a.nii.gz")
     assert out.GetPixelID() == sitk.sitkInt16
@@ -441,13 +444,13 @@ def test_many_classes_use_wider_label_type(tmp_path: Path) -> None:
 
 def test_progress_events(tmp_path: Path) -> None:
     events: list[ProgressEvent] = []
-    cases = [volume_case(f"c{k}", k) for k in range(3)]
+    cases = [volume_case(f"c{k}", k) for k in range(5)]
     build_dataset(volume_source(cases), tmp_path / "ws", name="P", progress=events.append)
     assert events and all(e.kind == "progress" for e in events)
     fractions = [e.data["fraction"] for e in events]
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
     assert all(isinstance(e.data["message"], str) and e.data["message"] for e in events)
-    assert any("c2" in e.data["message"] for e in events)
+    assert any("c4" in e.data["message"] for e in events)
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,7 +459,7 @@ def test_progress_events(tmp_path: Path) -> None:
 
 def _bad(kind: str) -> tuple[list[Case], int, str, list[str]]:
     """(cases, n_channels, the bad case's id, phrases its message must contain)."""
-    good = [volume_case("good1", 1), volume_case("good2", 2)]
+    good = [volume_case(f"good{k}", k) for k in range(1, 5)]  # with the bad one: nnU-Net's 5 folds
     shifted = Geometry(OBLIQUE.spacing, (OBLIQUE.origin[0] + 3.0, *OBLIQUE.origin[1:]), OBLIQUE.direction)
     spaced = Geometry((0.8, 1.2, 3.0), OBLIQUE.origin, OBLIQUE.direction)
     turned = Geometry.identity(3, OBLIQUE.spacing)
@@ -472,10 +475,10 @@ def _bad(kind: str) -> tuple[list[Case], int, str, list[str]]:
     if kind == "label direction":
         return [*good, volume_case("bad", label_geometry=turned)], 1, "bad", ["label", "direction"]
     if kind == "channel count":
-        good = [volume_case("good1", 1, n_channels=2), volume_case("good2", 2, n_channels=2)]
+        good = [volume_case(f"good{k}", k, n_channels=2) for k in range(1, 5)]
         return [*good, volume_case("bad", n_channels=1)], 2, "bad", ["1 channel(s), expected 2"]
     if kind == "channel grid":
-        good = [volume_case("good1", 1, n_channels=2), volume_case("good2", 2, n_channels=2)]
+        good = [volume_case(f"good{k}", k, n_channels=2) for k in range(1, 5)]
         case = volume_case("bad", n_channels=2)
         case.channels[1] = Volume(case.channels[1].array, spaced)
         return [*good, case], 2, "bad", ["channel 1", "spacing"]
@@ -499,7 +502,7 @@ def _bad(kind: str) -> tuple[list[Case], int, str, list[str]]:
     if kind == "empty label":
         return [*good, volume_case("bad", label=np.zeros(SHAPE, np.uint8))], 1, "bad", ["empty", "foreground"]
     if kind == "one case":
-        return [good[0]], 1, "good1", ["only 1 case", "at least 2"]
+        return [good[0]], 1, "good1", ["only 1 case", "at least 5"]
     if kind == "duplicate id":
         return [*good, volume_case("good2", 3)], 1, "good2", ["duplicate case id"]
     if kind == "unknown segment name":
@@ -603,7 +606,7 @@ def test_class_table_must_suit_nnunet(tmp_path: Path) -> None:
 
 def test_existing_dataset_is_never_destroyed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     workspace = tmp_path / "ws"
-    good = [volume_case(f"c{k}", k) for k in range(3)]
+    good = [volume_case(f"c{k}", k) for k in range(5)]
     folder = build_dataset(volume_source(good), workspace, name="Keep")
     before = snapshot(folder)
 
@@ -629,15 +632,15 @@ def test_existing_dataset_is_never_destroyed(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(ds_build, "write_case", failing_write)
     with pytest.raises(DatasetError, match="case c1: writing failed: No space left on device"):
-        build_dataset(volume_source(good[:2] + [volume_case("c9", 9)]), workspace, name="Keep", overwrite=True)
+        build_dataset(volume_source(good[:4] + [volume_case("c9", 9)]), workspace, name="Keep", overwrite=True)
     monkeypatch.undo()
     assert snapshot(folder) == before
     assert [p.name for p in (workspace / "nnUNet_raw").iterdir()] == ["Dataset001_Keep"]
 
     # overwrite=True with valid input replaces the dataset completely.
-    new_source = volume_source([volume_case("x", 5), volume_case("y", 6)])
+    new_source = volume_source([volume_case(f"x{k}", 5 + k) for k in range(5)])
     folder = build_dataset(new_source, workspace, name="Keep", overwrite=True)
-    assert sorted(p.name for p in (folder / "labelsTr").iterdir()) == ["x.nii.gz", "y.nii.gz"]
+    assert sorted(p.name for p in (folder / "labelsTr").iterdir()) == [f"x{k}.nii.gz" for k in range(5)]
     assert [p.name for p in (workspace / "nnUNet_raw").iterdir()] == ["Dataset001_Keep"]
 
 
@@ -692,11 +695,11 @@ def test_cli_dataset_from_msd_folder(hippo_subset: Path, tmp_path: Path, capsys:
     assert cli.main(["dataset", str(hippo_subset), "--workdir", str(workdir), "--id", "5"]) == 0
     out = capsys.readouterr().out
     folder = workdir / "nnUNet_raw" / "Dataset005_Hippocampus"
-    assert "Dataset005_Hippocampus: 4 cases" in out
+    assert "Dataset005_Hippocampus: 5 cases" in out
     assert "channels: 1 (MRI)" in out
     assert "background=0, Anterior=1, Posterior=2" in out
     assert str(folder) in out
-    assert len(list((folder / "labelsTr").iterdir())) == 4
+    assert len(list((folder / "labelsTr").iterdir())) == 5
 
     # Again without --overwrite: a one-line error, exit status 2, dataset untouched.
     before = snapshot(folder)
@@ -718,7 +721,7 @@ def test_cli_dataset_from_pairs_csv(tmp_path: Path, capsys: pytest.CaptureFixtur
             "--classes", "background=0,liver=1,spleen=2", "--channel-names", "T1,T2", "--name", "Csv", "--id", "12"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "Dataset012_Csv: 3 cases" in out and "channels: 2 (T1, T2)" in out
+    assert "Dataset012_Csv: 5 cases" in out and "channels: 2 (T1, T2)" in out
     meta = json.loads((workdir / "nnUNet_raw/Dataset012_Csv/dataset.json").read_text())
     assert meta["labels"] == CLASSES and meta["channel_names"] == {"0": "T1", "1": "T2"}
 
@@ -727,5 +730,5 @@ def test_cli_dataset_from_pairs_csv(tmp_path: Path, capsys: pytest.CaptureFixtur
     argv[argv.index("12")] = "13"
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert "3 problems in 3 cases" in err and "case patient00: label values [2] not in the class table" in err
+    assert "5 problems in 5 cases" in err and "case patient00: label values [2] not in the class table" in err
     assert not (workdir / "nnUNet_raw/Dataset013_Csv").exists()

@@ -15,11 +15,11 @@ from AutoNNUNetLib.workspace import Workspace
 
 def test_generated_cases_are_a_valid_two_channel_dataset(tmp_path):
     workspace = Workspace(tmp_path)
-    folder = build_dataset(generate_source(n_cases=3), workspace, dataset_id=1, name="Demo")
+    folder = build_dataset(generate_source(n_cases=5), workspace, dataset_id=1, name="Demo")
     meta = json.loads((folder / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "T1", "1": "T2"}
     assert meta["labels"] == DEMO_CLASSES
-    assert meta["numTraining"] == 3
+    assert meta["numTraining"] == 5
     channels, label = generate_case(1)
     written = sitk.ReadImage(str(folder / "imagesTr" / "demo_001_0001.nii.gz"))
     assert np.allclose(written.GetDirection(), label.geometry.direction)
@@ -28,6 +28,16 @@ def test_generated_cases_are_a_valid_two_channel_dataset(tmp_path):
     written_label = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / "demo_001.nii.gz")))
     np.testing.assert_array_equal(written_label, label.array)
     assert set(np.unique(written_label)) == {0, 1, 2}
+
+
+def test_demo_with_fewer_than_five_cases_is_refused_before_any_work(tmp_path, capsys):
+    """Issue 12 item 13: `demo --cases 4` died after preprocessing with a scikit-learn message."""
+    from AutoNNUNetLib import cli
+
+    assert cli.main(["demo", "--workdir", str(tmp_path / "demo"), "--cases", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--cases 4: the demo needs at least 5 cases for nnU-Net's 5-fold cross-validation split")
+    assert "\n" not in err and not (tmp_path / "demo").exists()
 
 
 def test_generation_is_deterministic_and_cases_differ():

@@ -65,3 +65,26 @@ def test_nonfinite_voxels_helper(tmp_path: Path) -> None:
     (tmp_path / "broken.nii.gz").write_bytes(b"garbage")
     with pytest.raises(DatasetError, match="cannot read broken.nii.gz"):
         nonfinite_voxels(tmp_path / "broken.nii.gz")
+
+
+# --------------------------------------------------------------------------------------------
+# Item 13: fewer than 5 cases cannot make nnU-Net's 5-fold split
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_two_to_four_cases_are_refused_at_intake(n: int, tmp_path: Path, capsys) -> None:
+    from intake_cases import msd_folder
+    from AutoNNUNetLib import cli
+
+    folder = msd_folder(tmp_path, n=n)
+    assert cli.main(["dataset", str(folder), "--workdir", str(tmp_path / "ws")]) == 2
+    err = capsys.readouterr().err.strip()
+    ids = ", ".join(f"c{k}" for k in range(n))
+    assert err.endswith(f"only {n} case(s) ({ids}); nnU-Net's 5-fold cross-validation needs at least 5 "
+                        "(one validation case per fold): add labeled cases")
+    assert nothing_written(tmp_path / "ws")
+
+
+def test_five_cases_are_enough(tmp_path: Path) -> None:
+    folder = build_dataset(source_from_pairs(pairs_folder(tmp_path / "in")), tmp_path / "ws", name="Five")
+    assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 5
