@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -208,28 +209,92 @@ def source_from_pairs(
     )
 
 
-def read_pairs_csv(path: PathLike) -> list[tuple[str, list[Path], Path]]:
-    """Rows ``case_id,label,image[,image2,...]`` (optional header row starting with ``case_id``).
+#: Header names of the CSV columns (compared ignoring case and surrounding space).
+CASE_COLUMNS = ("case_id", "case", "id")
+LABEL_COLUMNS = ("label", "labels", "seg", "segmentation", "mask")
+IMAGE_COLUMN_RE = re.compile(r"^(image|channel)[ _]?\d*$")
 
-    Relative paths are relative to the CSV file's folder. Returns ``(case_id, images, label)``
-    tuples for :func:`source_from_pairs`.
+
+@dataclass(frozen=True)
+class _Columns:
+    """Where a CSV header puts each field."""
+
+    case: int
+    label: int
+    images: list[int]
+    width: int
+
+
+def _csv_columns(header: list[str], where: str) -> _Columns:
+    names = [cell.strip().lower() for cell in header]
+    case = [i for i, n in enumerate(names) if n in CASE_COLUMNS]
+    label = [i for i, n in enumerate(names) if n in LABEL_COLUMNS]
+    images = [i for i, n in enumerate(names) if IMAGE_COLUMN_RE.match(n)]
+    unknown = [header[i] for i in range(len(names)) if i not in (*case, *label, *images) and names[i]]
+    if unknown:
+        raise DatasetError(f"{where}: unknown column(s) {unknown}; expected case_id, label and image[, image2, ...]")
+    if len(case) != 1 or len(label) != 1 or not images:
+        raise DatasetError(f"{where}: the header needs one case_id column, one label column and image column(s), "
+                           f"got {header}")
+    return _Columns(case[0], label[0], images, len(header))
+
+
+def _csv_row(row: list[str], columns: Optional[_Columns], where: str) -> tuple[str, str, list[str]]:
+    """(case id, label, images) of one row, by header names or (without a header) by position."""
+    if columns is None:
+        if len(row) < 3 or not all(row[:3]):
+            raise DatasetError(f"{where}: expected case_id,label,image[,image2...], got {row}")
+        return row[0], row[1], [cell for cell in row[2:] if cell]
+    if any(row[columns.width:]):
+        raise DatasetError(f"{where}: more cells than header columns, got {row}")
+    cell = lambda i: row[i] if i < len(row) else ""  # noqa: E731
+    # A missing channel is left out here; validation reports it with its case.
+    case_id, label, images = cell(columns.case), cell(columns.label), [cell(i) for i in columns.images if cell(i)]
+    if not case_id or not label or not images:
+        raise DatasetError(f"{where}: every row needs a case_id, a label and an image, got {row}")
+    return case_id, label, images
+
+
+def _is_header(row: list[str]) -> bool:
+    names = {cell.strip().lower() for cell in row}
+    return bool(names & set(CASE_COLUMNS)) and bool(names & set(LABEL_COLUMNS))
+
+
+def read_pairs_csv(path: PathLike) -> list[tuple[str, list[Path], Path]]:
+    """Cases listed in a CSV file, one row per case.
+
+    With a header row (``case_id``, ``label`` and ``image`` columns in any order, more channels as
+    ``image2``, ``image_3``, ...), columns are taken by name. Without one, rows are
+    ``case_id,label,image[,image2,...]``. Lines starting with ``#`` and empty lines are skipped;
+    an Excel byte-order mark is accepted. Relative paths are relative to the CSV file's folder.
+    Returns ``(case_id, images, label)`` tuples for :func:`source_from_pairs`.
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"pairs file {path} not found")
     rows = []
-    with open(path, newline="") as handle:
-        for number, row in enumerate(csv.reader(handle), start=1):
-            row = [cell.strip() for cell in row]
-            if not any(row) or row[0].startswith("#"):
-                continue
-            if number == 1 and row[0].lower() in ("case_id", "case", "id"):
-                continue  # header
-            if len(row) < 3 or not all(row[:3]):
-                raise DatasetError(f"{path} line {number}: expected case_id,label,image[,image2...], got {row}")
-            resolve = lambda p: p if p.is_absolute() else path.parent / p  # noqa: E731
-            images = [resolve(Path(cell)) for cell in row[2:] if cell]
-            rows.append((row[0], images, resolve(Path(row[1]))))
+    columns: Optional[_Columns] = None
+    first = True
+    resolve = lambda p: p if p.is_absolute() else path.parent / p  # noqa: E731
+    try:
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark that would stick to "case_id".
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            for number, row in enumerate(csv.reader(handle), start=1):
+                row = [cell.strip() for cell in row]
+                if not any(row) or row[0].startswith("#"):
+                    continue
+                where = f"{path.name} line {number}"
+                if first:
+                    first = False
+                    if _is_header(row):
+                        columns = _csv_columns(row, where)
+                        continue
+                case_id, label, images = _csv_row(row, columns, where)
+                rows.append((case_id, [resolve(Path(p)) for p in images], resolve(Path(label))))
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path.name} is not a UTF-8 text file") from None
+    except csv.Error as error:
+        raise DatasetError(f"{path.name} is not a readable CSV file ({error})") from None
     if not rows:
         raise DatasetError(f"{path} lists no cases")
     return rows

@@ -18,6 +18,7 @@ from ..events import ProgressEvent
 from ..imaging import GEOMETRY_TOLERANCE, Geometry
 from .classes import (
     BACKGROUND,
+    MAX_INFERRED_CLASSES,
     check_class_table,
     class_table_from_cases,
     find_class_value,
@@ -240,9 +241,31 @@ def _map_values(
         known = set(classes.values())
         unknown_values = [v for v in values if v not in known]
         if unknown_values:
-            problem(f"label values {unknown_values} not in the class table ({table})")
+            problem(f"label values {_values_text(unknown_values)} not in the class table ({table})")
         mapping = {v: v for v in values if v in known}
     return mapping
+
+
+def _too_many_values(plans: Sequence[CasePlan]) -> list[Problem]:
+    """More distinct label values than :data:`MAX_INFERRED_CLASSES`: not a label map, most likely."""
+    hint = (f"at most {MAX_INFERRED_CLASSES} classes are taken from label values (an intensity image given as "
+            "the label?); name the classes with a class table (--classes) to use more")
+    problems = []
+    for plan in plans:
+        count = len([v for v in plan.label_values if v != 0])
+        if count > MAX_INFERRED_CLASSES:
+            problems.append(Problem(plan.case.case_id, f"label map has {count} distinct values; {hint}"))
+    total = len({v for plan in plans for v in plan.label_values} - {0})
+    if not problems and total > MAX_INFERRED_CLASSES:
+        problems.append(Problem(None, f"the label maps hold {total} distinct values together; {hint}"))
+    return problems
+
+
+def _values_text(values: Sequence[int], shown: int = 10) -> str:
+    """``[3, 7]``, or the first values and a count when there are many (an intensity image has thousands)."""
+    if len(values) <= shown:
+        return str(list(values))
+    return f"[{', '.join(str(v) for v in values[:shown])}, ...] ({len(values)} values)"
 
 
 def _consecutive_problems(classes: Mapping[str, int]) -> list[Problem]:
@@ -318,6 +341,8 @@ def validate(
             plans.append(plan)
         emit(progress, share * (index + 1) / max(len(cases), 1), f"checked {case.case_id}")
 
+    if classes is None and not problems:
+        problems += _too_many_values(plans)
     if classes is None and not problems:
         # No table given: every value found becomes a class, numbered consecutively as nnU-Net wants.
         found = sorted({v for plan in plans for v in plan.label_values} - {0})

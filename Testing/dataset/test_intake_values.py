@@ -88,3 +88,66 @@ def test_two_to_four_cases_are_refused_at_intake(n: int, tmp_path: Path, capsys)
 def test_five_cases_are_enough(tmp_path: Path) -> None:
     folder = build_dataset(source_from_pairs(pairs_folder(tmp_path / "in")), tmp_path / "ws", name="Five")
     assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 5
+
+
+# --------------------------------------------------------------------------------------------
+# Item 14: CSV headers in any order, Excel's BOM, comments; a cap on classes
+
+
+def _csv(folder: Path, header: str, rows, prefix: str = "", encoding: str = "utf-8") -> Path:
+    lines = [header]
+    for case_id, (img,), lab in rows:
+        cells = {"case_id": case_id, "image": img.name, "label": lab.name}
+        lines.append(",".join(cells[name.strip().lower()] for name in header.split(",")))
+    path = folder / "cases.csv"
+    path.write_text(prefix + "\n".join(lines) + "\n", encoding=encoding)
+    return path
+
+
+@pytest.mark.parametrize("header", ["case_id,image,label", "label,case_id,image", "Case_ID, Label ,Image"])
+def test_csv_header_decides_the_columns(header: str, tmp_path: Path) -> None:
+    from AutoNNUNetLib.dataset.sources import read_pairs_csv
+
+    rows = pairs_folder(tmp_path / "in")
+    # Excel's "CSV UTF-8" writes a byte-order mark; people add comment lines above the header.
+    path = _csv(tmp_path / "in", header, rows, prefix="# exported from the PACS\n\n", encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf#")
+    assert read_pairs_csv(path) == [(case_id, images, lab) for case_id, images, lab in rows]
+    folder = build_dataset(source_from_pairs(read_pairs_csv(path)), tmp_path / "ws", name="Csv")
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / "c2.nii.gz")))
+    np.testing.assert_array_equal(written, label(2))  # the label, not the image
+
+
+def test_csv_bom_before_the_header_and_bad_headers(tmp_path: Path) -> None:
+    from AutoNNUNetLib.dataset.sources import read_pairs_csv
+
+    rows = pairs_folder(tmp_path / "in")
+    path = _csv(tmp_path / "in", "case_id,image,label", rows, encoding="utf-8-sig")
+    assert [r[0] for r in read_pairs_csv(path)] == [f"c{k}" for k in range(5)]
+    path.write_text("case_id,image,label,weight\nc0,i0.nii.gz,l0.nii.gz,1\n")
+    with pytest.raises(DatasetError, match=r"^cases.csv line 1: unknown column\(s\) \['weight'\]"):
+        read_pairs_csv(path)
+    path.write_text("case_id,label,label\nc0,l0.nii.gz,l0.nii.gz\n")
+    with pytest.raises(DatasetError, match="one label column"):
+        read_pairs_csv(path)
+    path.write_bytes(b"case_id,image,label\nc0,\xff\xfe.nii,l0.nii.gz\n")
+    with pytest.raises(DatasetError, match="not a UTF-8 text file"):
+        read_pairs_csv(path)
+
+
+def test_an_intensity_image_given_as_label_is_refused_by_the_class_cap(tmp_path: Path) -> None:
+    rows = pairs_folder(tmp_path / "in")
+    # Case c2's "label" is an int16 MRI: hundreds of distinct intensities (its own, larger grid).
+    mri = np.random.default_rng(0).normal(400, 150, (8, 10, 12)).clip(0).astype(np.int16)
+    mri.flat[:300] = np.arange(1, 301)
+    write(mri, rows[2][2])
+    write(mri.astype(np.float32), rows[2][1][0])
+    message = refusal(rows, tmp_path / "ws")
+    assert "\n" not in message
+    assert message.startswith("case c2: label map has ")
+    assert "distinct values; at most 255 classes are taken from label values" in message
+    assert "--classes" in message
+    # With a class table, the unknown values are listed briefly, not all of them.
+    message = refusal(rows, tmp_path / "ws", classes={"background": 0, "thing": 1})
+    assert message.startswith("case c2: label values [") and "values) not in the class table" in message
+    assert len(message) < 300
