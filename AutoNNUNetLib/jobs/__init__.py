@@ -7,8 +7,10 @@
 - :mod:`.recipes`: the steps of each job kind, built from its request record;
 - :mod:`.local`: :class:`LocalJob`, a supervisor process group on this machine (re-attaches);
 - :mod:`.supervisor`: ``python -m AutoNNUNetLib.jobs supervise JOB_DIR``, runs the steps;
-- :mod:`.builtins`: small file steps the supervisor does itself;
-- :mod:`.tracker`: :class:`ProgressTracker`, a job's progress folded from its events.
+- :mod:`.builtins`: small file steps the supervisor does itself.
+
+A job's progress is the one fold of its events, :class:`AutoNNUNetLib.progress.SearchProgress`
+(``Progress`` here) kept by a :class:`AutoNNUNetLib.progress.ProgressReader` (``ProgressTracker``).
 
 Names are loaded on first use, so ``import AutoNNUNetLib.jobs`` stays light for the supervisor
 and the Slicer module.
@@ -28,22 +30,24 @@ _EXPORTS = {
              "write_exit", "read_log"),
     "params": ("JOB_KINDS", "EXECUTORS", "RequestError", "SearchParams", "TrainParams", "PredictParams",
                "PARAMS_TYPES", "Params", "params_from_dict", "kind_of"),
-    "tracker": ("Progress", "ProgressTracker"),
     "local": ("LocalJob",),
     "supervisor": ("Supervisor", "run_worker", "main"),
     "builtins": ("BUILTINS", "find_model_dir"),
     "recipes": ("plan_step", "search_steps", "train_steps", "predict_steps", "local_spec", "start_local"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+#: Older names of the progress fold, which lives in AutoNNUNetLib.progress.
+_ALIASES = {"Progress": ("..progress", "SearchProgress"), "ProgressTracker": ("..progress", "ProgressReader")}
+_WHERE = {name: (f".{module}", name) for module, names in _EXPORTS.items() for name in names}
+_WHERE.update(_ALIASES)
 
 __all__ = ["sha256_file", *_WHERE]
 
 
 def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
+    where = _WHERE.get(name)
+    if where is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(importlib.import_module(where[0], __name__), where[1])
     globals()[name] = value
     return value
 

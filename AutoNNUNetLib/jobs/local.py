@@ -24,12 +24,12 @@ from ..files import atomic_write_json, read_json
 from ..processes import (
     CANCEL_GRACE_SECONDS, IS_WINDOWS, kill_process_group, pid_alive, process_group_members, signal_group,
 )
+from ..progress import ProgressReader, SearchProgress
 from ..states import JobState
 from .job import JobUpdate
 from .spec import (
     CANCEL_NAME, EVENTS_NAME, EXIT_NAME, LOG_NAME, PID_NAME, JobError, JobExit, JobSpec, read_exit, read_log,
 )
-from .tracker import Progress, ProgressTracker
 
 #: Most log bytes one poll reads: a UI that re-attaches to a long job catches up over a few polls.
 LOG_CHUNK = 256 * 1024
@@ -67,7 +67,7 @@ class LocalJob:
         self.job_dir = Path(job_dir).resolve()
         self.pid = pid  # also the process group id: the supervisor leads its own group
         self._process = process
-        self.tracker = ProgressTracker(self.job_dir / EVENTS_NAME)
+        self.tracker = ProgressReader(self.job_dir / EVENTS_NAME)
         self._log_offset = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._kill_deadline: Optional[float] = None
@@ -231,7 +231,7 @@ class LocalJob:
     def group_members(self) -> list[int]:
         return process_group_members(self.pid) if self.pid is not None else []
 
-    def progress(self) -> Progress:
+    def progress(self) -> SearchProgress:
         self.tracker.poll()
         return self.tracker.progress
 
