@@ -1,8 +1,7 @@
 """The one progress fold (AutoNNUNetLib.progress) that the CLI, the server and the Slicer module show.
 
-The last test runs a real tiny search and folds the events file it wrote: no hand-written events,
-so a producer/consumer mismatch (the search once wrote ``"success"`` where every consumer looked
-for ``"succeeded"``) fails here.
+A real tiny search folded by the same code (no hand-written events) is in
+Testing/slicer/test_slicer_progress.py: the Slicer module starts it exactly as the panel does.
 """
 
 from __future__ import annotations
@@ -122,55 +121,3 @@ def test_reader_follows_a_file_and_waits_for_a_partial_line(tmp_path):
         handle.write('{"kind": "epoch", "data": {"ep')
     assert [e.kind for e in reader.poll()] == ["best"]
     assert p.best_dice == pytest.approx(0.7) and reader.offset < path.stat().st_size
-
-
-# -- a real search ------------------------------------------------------------------------------
-
-
-def test_a_real_search_folds_into_trials_best_dice_pareto_and_status(hippo_workspace, tmp_path):
-    pytest.importorskip("neps")
-    from AutoNNUNetLib.search import EVENTS_NAME, SearchSettings, run_search
-
-    root = tmp_path / "search"
-    settings = SearchSettings.from_profile("quick", space="hpo", min_epochs=1, max_epochs=2, eta=2,
-                                           iterations_per_epoch=1, max_validation_cases=1, device="cpu",
-                                           seed=0, max_trials=3)
-    seen = SearchProgress()
-    results = run_search(hippo_workspace, root, settings, progress=seen.update)
-
-    # What a consumer polling the file (the Slicer module, the server) folds: the file as written.
-    reader = ProgressReader(root / EVENTS_NAME)
-    events = reader.poll()
-    progress = reader.progress
-    assert events and progress.finished_state == "succeeded"
-    successes = [t for t in results.trials if trial_state(t.state) is TrialState.SUCCEEDED]
-    assert len(results.trials) == 3 and len(successes) == 3
-
-    # Every trial shows as succeeded with its Dice and time, as the search recorded it.
-    points = {p.trial: p for p in progress.points()}
-    assert set(points) == {t.trial_id for t in results.trials}
-    for trial in results.trials:
-        point = points[trial.trial_id]
-        assert point.state is TrialState.SUCCEEDED
-        assert point.dice == pytest.approx(trial.mean_dice) and point.epochs == trial.epochs
-        assert point.train_seconds == pytest.approx(trial.train_seconds)
-    assert {p.trial for p in progress.finished_points()} == set(points)
-    assert progress.trials_finished == 3 and progress.trials_failed == 0
-
-    best = max(successes, key=lambda t: t.mean_dice)
-    assert progress.best_dice == pytest.approx(best.mean_dice)
-    front = progress.pareto_points()
-    seconds = [p.train_seconds for p in front]
-    assert front and seconds == sorted(seconds)
-    assert any(p.dice == pytest.approx(best.mean_dice) for p in front)  # the best is never dominated
-    fastest = min(progress.finished_points(), key=lambda p: (p.train_seconds, -p.dice))
-    assert front[0] is fastest
-    assert progress.status_text().startswith("Finished (succeeded)")
-    assert progress.percent() == 100
-
-    # The log lines say so too, and the in-process callback saw the same fold.
-    lines = [format_event(e) for e in events]
-    assert sum(1 for line in lines if line and " finished: Dice " in line) == 3
-    assert not any(line and " failed:" in line for line in lines)
-    assert seen.best_dice == pytest.approx(progress.best_dice)
-    assert [p.to_dict() for p in seen.points()] == [p.to_dict() for p in progress.points()]

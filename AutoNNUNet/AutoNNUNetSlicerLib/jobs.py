@@ -1,0 +1,335 @@
+"""The module's running jobs: local ones (``jobs.LocalJob``) and remote ones (``remote.job.RemoteJob``).
+
+Both follow the library's one Job protocol (poll -> JobUpdate, cancel, wait, job_id). What this
+file adds is what the *module* needs around them:
+
+- a :class:`JobContext` fixed when the job starts: its working folder, search root, output file,
+  the reference volume *node* a prediction lands on. When the job ends, the module reads the
+  context, never the current scene's parameter node (which a scene close replaced);
+- the progress fold (:class:`AutoNNUNetLib.progress.SearchProgress`) and the log text of each
+  job, kept per job (a prediction's log does not land in the search's);
+- :meth:`JobBoard.close_scene`: jobs that hold scene nodes (predictions) are cancelled when the
+  scene closes, since their nodes are gone;
+- the local job folders: one folder per job under ``<working folder>/jobs/`` with the request
+  the child reads (``--request FILE``), its log and its events.
+
+No Slicer import: Testing/slicer/ runs real local jobs through this file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from AutoNNUNetLib.progress import SearchProgress
+from AutoNNUNetLib.states import JobState
+
+#: ``autonnunet search`` exits with 3 when its wall time ran out: stopped, resumable.
+SEARCH_STOPPED_EXIT = 3
+
+
+@dataclass
+class JobContext:
+    """Everything a job's end needs, fixed at its start."""
+
+    kind: str
+    work_dir: Path
+    search_root: Optional[Path] = None
+    model_dir: Optional[Path] = None
+    output_file: Optional[Path] = None  # predict: the label map the child writes
+    reference_volume: Any = None  # predict: the input node itself, not its ID (IDs restart after a close)
+    output_segmentation: Any = None  # predict: the node to fill (None: a new one)
+    classes: dict[str, int] = field(default_factory=dict)
+    show_3d: bool = True
+    download_dir: Optional[Path] = None  # remote: where model.zip and results.json arrive
+    remote: bool = False
+
+    @property
+    def holds_nodes(self) -> bool:
+        return self.reference_volume is not None or self.output_segmentation is not None
+
+    def release_nodes(self) -> None:
+        self.reference_volume = None
+        self.output_segmentation = None
+
+
+@dataclass
+class ModuleJob:
+    """A job as the module shows it: the job, its context, its progress and its own log."""
+
+    kind: str
+    job: Any  # a LocalJob or a RemoteJob
+    context: JobContext
+    progress: SearchProgress = field(default_factory=SearchProgress)
+    state: JobState = JobState.QUEUED
+    message: str = ""
+    exit_code: Optional[int] = None
+    log: str = ""
+    cancelled_by_scene_close: bool = False
+
+    @property
+    def done(self) -> bool:
+        return JobState(self.state).done
+
+    @property
+    def stopped(self) -> bool:
+        """A search that ended early on its wall time (its folder resumes)."""
+        return self.kind == "search" and self.state == JobState.SUCCEEDED and self.exit_code == SEARCH_STOPPED_EXIT
+
+
+class JobBoard:
+    """The module's jobs by kind (one running job per kind), polled from a QTimer."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, ModuleJob] = {}
+
+    def add(self, kind: str, job: Any, context: JobContext) -> ModuleJob:
+        if self.running(kind):
+            raise RuntimeError(f"a {kind} job is already running")
+        entry = self.jobs[kind] = ModuleJob(kind, job, context)
+        return entry
+
+    def get(self, kind: str) -> Optional[ModuleJob]:
+        return self.jobs.get(kind)
+
+    def running(self, kind: str) -> bool:
+        entry = self.jobs.get(kind)
+        return entry is not None and not entry.done
+
+    def any_running(self) -> bool:
+        return any(not entry.done for entry in self.jobs.values())
+
+    def poll(self) -> list[tuple[ModuleJob, Any]]:
+        """``(job, JobUpdate)`` for every job that was running; never blocks."""
+        updates = []
+        for entry in list(self.jobs.values()):
+            if entry.done:
+                continue
+            update = entry.job.poll()
+            entry.progress.update_all(update.events)
+            entry.log += update.log
+            entry.state, entry.message, entry.exit_code = JobState(update.state), update.message, update.exit_code
+            updates.append((entry, update))
+        return updates
+
+    def wait(self, kind: str, timeout: float, interval: float = 0.5, tick=None) -> ModuleJob:
+        """Poll one job until it ends (self-test, scripting); ``tick`` runs between polls
+        (Slicer's processEvents keeps the UI alive)."""
+        entry = self.jobs[kind]
+        deadline = time.monotonic() + timeout
+        while not entry.done:
+            self.poll()
+            if entry.done:
+                break
+            if time.monotonic() > deadline:
+                entry.job.cancel()
+                raise TimeoutError(f"{kind} did not finish within {timeout:.0f} s")
+            if tick is not None:
+                tick()
+            time.sleep(interval)
+        return entry
+
+    def cancel(self, kind: str) -> None:
+        entry = self.jobs.get(kind)
+        if entry is not None and not entry.done:
+            entry.job.cancel()
+
+    def close_scene(self) -> list[str]:
+        """The scene is closing: cancel the jobs that hold its nodes and let go of the nodes."""
+        cancelled = []
+        for kind, entry in self.jobs.items():
+            if entry.context.holds_nodes:
+                if not entry.done:
+                    entry.job.cancel()
+                    entry.cancelled_by_scene_close = True
+                    cancelled.append(kind)
+                entry.context.release_nodes()
+        return cancelled
+
+    def shutdown(self, grace: float = 5.0) -> None:
+        """Slicer is exiting: stop local jobs (their trees would outlive Slicer); remote jobs
+        run on on their runner."""
+        for entry in self.jobs.values():
+            if not entry.done and not entry.context.remote and hasattr(entry.job, "stop"):
+                entry.job.stop(grace=grace)
+            elif hasattr(entry.job, "close"):
+                entry.job.close()
+
+
+# -- local jobs -------------------------------------------------------------------------------------
+
+
+def library_parent() -> Path:
+    """The folder holding the ``AutoNNUNetLib`` package (first on the child's PYTHONPATH)."""
+    import AutoNNUNetLib
+
+    return Path(AutoNNUNetLib.__file__).resolve().parent.parent
+
+
+def python_executable() -> str:
+    """PythonSlicer (Slicer's Python with its library paths), else this interpreter."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def child_environment(base=None, extra: Optional[dict] = None) -> dict[str, str]:
+    """A fresh environment for a child; ``base`` (Slicer's ``os.environ``) is never changed.
+
+    The folder holding ``AutoNNUNetLib`` goes first on PYTHONPATH, so the child imports the same
+    library as the module, also from a source checkout.
+    """
+    env = {str(k): str(v) for k, v in (os.environ if base is None else base).items()}
+    parent = str(library_parent())
+    paths = [parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != parent]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONUNBUFFERED"] = "1"
+    for key, value in (extra or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[str(key)] = str(value)
+    return env
+
+
+def search_root(work_dir) -> Path:
+    return Path(work_dir) / "search"
+
+
+def has_search(work_dir) -> bool:
+    root = search_root(work_dir)
+    return root.exists() and any(root.iterdir())
+
+
+def job_folder(work_dir, kind: str) -> Path:
+    """A new folder ``<working folder>/jobs/<kind>-<time>`` (unique within the second)."""
+    base = Path(work_dir) / "jobs" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder, number = base, 2
+    while folder.exists():
+        folder = base.with_name(f"{base.name}-{number}")
+        number += 1
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _start(job_dir: Path, steps: list, python: Optional[str], env: Optional[dict]):
+    from AutoNNUNetLib.jobs.local import LocalJob
+    from AutoNNUNetLib.jobs.spec import JobSpec
+
+    spec = JobSpec(job_dir=str(job_dir), steps=steps, python=python or python_executable())
+    return LocalJob.start(spec, env=env if env is not None else child_environment())
+
+
+def start_fingerprint(work_dir, *, summary_only: bool = False, python: Optional[str] = None,
+                      env: Optional[dict] = None):
+    """Fingerprint, plan and preprocess the working folder's dataset (again, after a new export);
+    with ``summary_only`` just print the summary of the existing plans (the child imports nnU-Net,
+    Slicer does not). The summary is the job's log."""
+    from AutoNNUNetLib.jobs.spec import Step
+
+    work_dir = Path(work_dir).resolve()
+    job_dir = job_folder(work_dir, "fingerprint")
+    argv = ["fingerprint", "--workdir", str(work_dir)]
+    if summary_only:
+        step = Step(name="summary", argv=[*argv, "--summary-only"], message="summarize the fingerprint and plans")
+    else:
+        step = Step(name="fingerprint", argv=argv, lock=str(work_dir / ".plan.lock"),
+                    message="fingerprint, plan and preprocess the dataset")
+    return _start(job_dir, [step], python, env), JobContext("fingerprint", work_dir)
+
+
+def start_model_export(work_dir, model_dir, zip_path, *, python: Optional[str] = None, env: Optional[dict] = None):
+    """Write a model folder as a zip in a child (it loads every checkpoint to check it)."""
+    from AutoNNUNetLib.jobs.spec import Step
+
+    work_dir = Path(work_dir).resolve()
+    step = Step(name="export-model", builtin="export_model",
+                kwargs={"source": str(Path(model_dir).resolve()), "dest": str(Path(zip_path).resolve())},
+                message=f"export the model to {zip_path}")
+    return _start(job_folder(work_dir, "model"), [step], python, env), JobContext("model", work_dir)
+
+
+def start_model_import(work_dir, zip_path, *, python: Optional[str] = None, env: Optional[dict] = None):
+    """Unpack and check a model zip into ``<working folder>/models/<zip name>`` in a child."""
+    from AutoNNUNetLib.jobs.spec import Step
+
+    work_dir = Path(work_dir).resolve()
+    dest = work_dir / "models" / Path(zip_path).stem
+    # --overwrite: importing the same zip again replaces the earlier import.
+    step = Step(name="import-model", argv=["import-model", str(Path(zip_path).resolve()), str(dest), "--overwrite"],
+                message=f"import the model {Path(zip_path).name}")
+    return _start(job_folder(work_dir, "model"), [step], python, env), JobContext("model", work_dir, model_dir=dest)
+
+
+def start_search(work_dir, settings, *, resume: bool = False, python: Optional[str] = None,
+                 env: Optional[dict] = None):
+    """A local search: the child reads ``settings`` (the one search record) from a request file.
+
+    A fresh start keeps an earlier search folder, renamed; ``resume`` continues it.
+    """
+    from AutoNNUNetLib.files import atomic_write_json
+    from AutoNNUNetLib.jobs.spec import EVENTS_NAME, Step
+
+    work_dir = Path(work_dir).resolve()
+    root = search_root(work_dir)
+    if not resume and has_search(work_dir):
+        root.rename(root.with_name(f"search-{time.strftime('%Y%m%d-%H%M%S')}"))
+    job_dir = job_folder(work_dir, "search")
+    request = atomic_write_json(job_dir / "search-request.json", settings.to_dict())
+    argv = ["search", "--workdir", str(work_dir), "--root", str(root), "--request", str(request),
+            "--events", str(job_dir / EVENTS_NAME), "--quiet"]
+    step = Step(name="search", argv=argv, ok_codes=[0, SEARCH_STOPPED_EXIT],
+                message=("resume" if resume else "start") + " the search")
+    return _start(job_dir, [step], python, env), JobContext("search", work_dir, search_root=root)
+
+
+def start_prediction(work_dir, model_dir, inputs: Sequence[Any], *, device: str = "auto", mirroring: bool = False,
+                     largest_component: bool = False, python: Optional[str] = None, env: Optional[dict] = None,
+                     reference_volume: Any = None, output_segmentation: Any = None, classes: Optional[dict] = None,
+                     show_3d: bool = True):
+    """Segment one case: ``inputs`` are ``imaging.Volume`` channels, written here in nnU-Net naming."""
+    from AutoNNUNetLib.jobs.params import PredictParams
+    from AutoNNUNetLib.jobs.spec import Step
+
+    work_dir, model_dir = Path(work_dir).resolve(), Path(model_dir).resolve()
+    if not (model_dir / "plans.json").is_file():
+        raise ValueError(f"{model_dir} is not an nnU-Net model folder (no plans.json)")
+    job_dir = job_folder(work_dir, "predict")
+    images, output = job_dir / "inputs", job_dir / "output"
+    for index, volume in enumerate(inputs):
+        volume.write(images / f"case_{index:04d}.nii.gz")
+    params = PredictParams(mirroring=bool(mirroring), largest_component=bool(largest_component), device=device)
+    step = Step(name="predict", argv=params.to_argv(model_dir, images, output), message="segment the volume")
+    context = JobContext("predict", work_dir, model_dir=model_dir, output_file=output / "case.nii.gz",
+                         reference_volume=reference_volume, output_segmentation=output_segmentation,
+                         classes=dict(classes or {}), show_3d=show_3d)
+    return _start(job_dir, [step], python, env), context
+
+
+# -- remote jobs ------------------------------------------------------------------------------------
+
+
+def remote_client(url: str, token: str):
+    from AutoNNUNetLib.remote.client import RemoteClient
+
+    if not url:
+        raise ValueError("enter the runner's URL")
+    return RemoteClient(url, token or None)
+
+
+def start_remote_search(work_dir, settings, url: str, token: str):
+    """Upload the exported dataset and submit the search (all network calls off the caller's thread)."""
+    from AutoNNUNetLib.remote.job import RemoteJob
+    from AutoNNUNetLib.workspace import Workspace
+
+    from .parameters import search_request
+
+    work_dir = Path(work_dir)
+    dataset_dir = Workspace(work_dir).raw_dataset  # raises when no dataset was exported
+    download_dir = job_folder(work_dir, "remote-search")
+    job = RemoteJob.start_search(remote_client(url, token), dataset_dir, search_request(settings),
+                                 download_dir=download_dir)
+    return job, JobContext("search", work_dir, download_dir=download_dir, remote=True)

@@ -1,0 +1,107 @@
+"""What the panel shows, as text: table cells, labels and messages (no widgets here).
+
+AutoNNUNet.py puts these strings into Qt widgets; keeping them here lets pytest check what a user
+reads (for instance that an unset model folder shows empty, not ".").
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from AutoNNUNetLib.progress import format_duration
+
+DOCUMENTATION_URL = "https://github.com/AutoNNUNet/SlicerAutoNNUNet/blob/main/docs/slicer.md"
+
+HELP_TEXT = f"""
+Finds the best nnU-Net for your labeled volumes. Add the segmentations of the scene as training
+cases, export them as an nnU-Net dataset, fingerprint it, then run a PriorBand search over nnU-Net
+hyperparameters (and optionally architectures) on this computer or on a remote GPU runner.
+Use the best model (or any point of the Dice / training time Pareto front) to segment new volumes.
+See the <a href="{DOCUMENTATION_URL}">documentation</a> for the step-by-step flow.
+"""
+
+#: Shown next to the token field: Slicer's settings file is plain text.
+TOKEN_STORAGE_NOTE = ("The token is kept in Slicer's settings file (Slicer.ini) in plain text, never in a saved "
+                      "scene. Use a token made for this computer, and revoke it on the runner if the file leaks.")
+
+TRIAL_COLUMNS = ("Trial", "Epochs", "Dice", "Training time", "Pareto", "Incumbent", "Configuration")
+CASE_FIXED_COLUMNS = ("Case", "Segmentation")
+
+
+def channel_names(text: str) -> list[str]:
+    """The channel names typed as ``T1, FLAIR`` (one channel "Image" when empty)."""
+    return [n.strip() for n in str(text).split(",") if n.strip()] or ["Image"]
+
+
+def case_columns(channels: Sequence[str]) -> list[str]:
+    return [*CASE_FIXED_COLUMNS, *channels]
+
+
+def model_folder_text(path: Any) -> str:
+    """The model folder as shown: empty when unset (the parameter node stores ``Path()``, i.e. ".")."""
+    if path is None or str(path) in ("", "."):
+        return ""
+    return str(path)
+
+
+def is_model_folder_set(path: Any) -> bool:
+    return bool(model_folder_text(path))
+
+
+def trial_cells(row: Any) -> list[str]:
+    """One row of the trials table (a results row: trial, epochs, dice, train_seconds, pareto, incumbent, config)."""
+    return [
+        str(row.trial),
+        "" if row.epochs is None else str(row.epochs),
+        "" if row.dice is None else f"{row.dice:.4f}",
+        format_duration(row.train_seconds),
+        "yes" if row.pareto else "",
+        "yes" if row.incumbent else "",
+        json.dumps(row.config, sort_keys=True),
+    ]
+
+
+def trial_tooltip(row: Any, column: int) -> str:
+    if column == TRIAL_COLUMNS.index("Configuration"):
+        return json.dumps(row.config, sort_keys=True, indent=1)
+    return str(row.model_dir) if row.model_dir else "no model folder kept"
+
+
+def class_table_rows(segment_names_per_case: Sequence[Sequence[str]], aliases=None) -> list:
+    """The class table's rows (``dataset.classes``, the library's one class-name rule)."""
+    from AutoNNUNetLib.dataset.classes import class_rows
+
+    return class_rows(segment_names_per_case, aliases)
+
+
+def class_cells(row: Any) -> list[str]:
+    return [row.segment_name, row.class_name, str(row.value), str(row.cases)]
+
+
+def job_end_text(kind: str, state: str, message: str = "", stopped: bool = False,
+                 by_scene_close: bool = False) -> str:
+    """The status line once a job has ended."""
+    if by_scene_close:
+        return f"{kind.capitalize()} cancelled: the scene it belonged to was closed."
+    if stopped:
+        return "Search stopped (wall time); Resume continues it."
+    if state == "succeeded":
+        return {"search": "Search finished.", "fingerprint": "Fingerprint and plans ready.",
+                "predict": "Segmentation finished."}.get(kind, f"{kind} finished.")
+    text = f"{kind.capitalize()} {state}"
+    if kind == "search" and state == "cancelled":
+        return text + "; use Resume to continue."
+    return text + (f": {message}" if message else ".")
+
+
+def log_tail(text: str, lines: int = 3) -> str:
+    kept = [line for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join(kept)
+
+
+def summary_from_log(text: str) -> str:
+    """The fingerprint summary a ``fingerprint`` job printed (its log after the supervisor's lines)."""
+    lines = [line for line in text.splitlines() if not line.startswith(("=== ", "[supervisor]"))]
+    return "\n".join(lines).strip()
+
