@@ -48,7 +48,8 @@ _EXPORTS = {
     "BACKGROUND": "classes", "MAX_CLASSES": "classes", "class_key": "classes", "resolve_class_name": "classes",
     "class_table_from_segment_names": "classes", "segment_label_lookup": "classes",
     "remap_case_labels": "classes", "case_label_names": "classes", "ClassRow": "classes",
-    "class_rows": "classes", "parse_classes": "classes",
+    "class_rows": "classes", "parse_classes": "classes", "ORIGINAL_LABELS_KEY": "classes",
+    "read_original_labels": "classes", "restore_original_labels": "classes",
     # validate and build
     "EMPTY_LABEL": "validate", "check_source": "validate",
     "build_dataset": "build", "label_dtype": "build",

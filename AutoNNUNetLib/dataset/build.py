@@ -22,6 +22,7 @@ import SimpleITK as sitk
 from ..files import atomic_write_json
 from ..imaging import GEOMETRY_TOLERANCE
 from ..workspace import Workspace, dataset_folder_name
+from .classes import ORIGINAL_LABELS_KEY, original_labels_entry
 from .headers import FileCache, array_of, load_image, sitk_reason
 from .records import FILE_ENDING, ChannelFile, DatasetError, DatasetSource, PathLike, Problem
 from .validate import CasePlan, ProgressCallback, emit, validate
@@ -142,6 +143,9 @@ def build_dataset(
             "numTraining": len(validated.plans),
             "file_ending": FILE_ENDING,
         }
+        if validated.original_labels:
+            # Extra keys are ignored by nnU-Net, which copies the file into every model it trains.
+            dataset_json[ORIGINAL_LABELS_KEY] = original_labels_entry(validated.original_labels)
         atomic_write_json(temp / "dataset.json", dataset_json)
         _move_into_place(temp, target)
     except BaseException:

@@ -16,8 +16,10 @@ in dataset.json under :data:`ORIGINAL_LABELS_KEY` so predictions can be written 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -190,7 +192,11 @@ def class_rows(
 
 
 def parse_classes(text: str) -> dict[str, int]:
-    """``"background=0,liver=1"`` -> ``{"background": 0, "liver": 1}``."""
+    """``"background=0,liver=1"`` -> ``{"background": 0, "liver": 1}``.
+
+    Values are the label values in the files; ``"pz=7,tz=8"`` is a valid table (background 0 is
+    implied when no class has value 0; the values are renumbered 1, 2 when the dataset is written).
+    """
     classes: dict[str, int] = {}
     for part in text.split(","):
         if not part.strip():
@@ -202,6 +208,8 @@ def parse_classes(text: str) -> dict[str, int]:
             classes[clean_name(name)] = int(value)
         except ValueError:
             raise DatasetError(f"classes must look like 'background=0,liver=1', got {part.strip()!r}") from None
+    if classes and 0 not in classes.values() and not any(is_background(name) for name in classes):
+        classes = {BACKGROUND: 0, **classes}
     return classes
 
 
@@ -217,6 +225,67 @@ def check_class_table(classes: Mapping[str, int]) -> list[Problem]:
         problems.append(Problem(None, f"class table {dict(classes)} names one class twice (names ignore case and spaces)"))
     if 0 not in values:
         problems.append(Problem(None, f"class table {dict(classes)} has no background (value 0)"))
+    negative = sorted(v for v in values if v < 0)
+    if negative:
+        problems.append(Problem(None, f"class values must not be negative, got {negative}"))
     if len(set(values)) > MAX_CLASSES + 1:
         problems.append(Problem(None, f"class table has {len(set(values)) - 1} classes; at most {MAX_CLASSES} are supported"))
     return problems
+
+
+def contiguous_values(classes: Mapping[str, int]) -> tuple[dict[str, int], dict[int, int]]:
+    """The table nnU-Net gets (values 0, 1, 2, ... in the order of the given values, value 0 named
+    "background") and the renumbering ``{given value: written value}``, empty when none was needed.
+
+    ``{"background": 0, "pz": 7, "tz": 8}`` -> ``({"background": 0, "pz": 1, "tz": 2}, {0: 0, 7: 1, 8: 2})``.
+    """
+    ordered = sorted(classes.items(), key=lambda item: item[1])
+    renumber = {int(value): written for written, (_, value) in enumerate(ordered)}
+    table = {(BACKGROUND if renumber[value] == 0 else name): renumber[value] for name, value in ordered}
+    if all(value == written for value, written in renumber.items()):
+        renumber = {}
+    return table, renumber
+
+
+def original_labels_entry(original: Mapping[int, int]) -> dict[str, int]:
+    """The dataset.json form of ``{written value: original value}`` (JSON keys are strings)."""
+    return {str(int(written)): int(value) for written, value in sorted(original.items())}
+
+
+def read_original_labels(dataset_json: Union[Mapping[str, Any], str, Path]) -> Optional[dict[int, int]]:
+    """``{written value: original value}`` recorded by intake, or None when the values were kept.
+
+    ``dataset_json`` is the loaded dict or the path of a dataset.json (of a raw dataset, or of a
+    model folder: nnU-Net copies the file, this entry included, into every trained model).
+    """
+    if not isinstance(dataset_json, Mapping):
+        path = Path(dataset_json)
+        try:
+            dataset_json = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise DatasetError(f"cannot read {path}: {error}") from None
+        if not isinstance(dataset_json, Mapping):
+            raise DatasetError(f"{path} does not hold a JSON object")
+    entry = dataset_json.get(ORIGINAL_LABELS_KEY)
+    if entry is None:
+        return None
+    try:
+        mapping = {int(written): int(value) for written, value in dict(entry).items()}
+    except (TypeError, ValueError):
+        raise DatasetError(f"dataset.json: {ORIGINAL_LABELS_KEY} must map written values to original values") from None
+    if sorted(mapping) != list(range(len(mapping))) or mapping.get(0) != 0:
+        raise DatasetError(f"dataset.json: {ORIGINAL_LABELS_KEY} must cover values 0..n-1 with 0 kept as 0")
+    return mapping
+
+
+def restore_original_labels(labels: np.ndarray, original: Mapping[int, int]) -> np.ndarray:
+    """A predicted label map (written values) in the files' original values, e.g. 1, 2 -> 7, 8."""
+    labels = np.asarray(labels)
+    lookup = np.zeros(max(original) + 1, dtype=np.int64)
+    for written, value in original.items():
+        lookup[written] = value
+    if labels.size and (labels.min() < 0 or labels.max() >= len(lookup)):
+        raise DatasetError(f"label map holds values outside 0..{len(lookup) - 1}")
+    top = max(original.values(), default=0)
+    dtype = np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16 if top <= np.iinfo(np.uint16).max else np.int32
+    return lookup.astype(dtype)[labels.astype(np.int64, copy=False)]

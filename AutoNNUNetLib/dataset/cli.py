@@ -21,7 +21,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--pairs-csv", type=Path, metavar="FILE",
         help="CSV with rows case_id,label,image[,image2,...] (paths relative to the CSV)",
     )
-    parser.add_argument("--classes", metavar="TABLE", help='class table, e.g. "background=0,liver=1,tumor=2"')
+    parser.add_argument(
+        "--classes", metavar="TABLE",
+        help='class table on the label values in the files, e.g. "liver=1,tumor=2" or "pz=7,tz=8" (background=0 '
+             "implied; values other than 0, 1, 2, ... are renumbered and the mapping recorded in dataset.json)",
+    )
     parser.add_argument(
         "--channel-names", metavar="NAMES", help='channel names, e.g. "T1,T2" ("CT" selects CT normalisation)'
     )
@@ -35,7 +39,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def _run_dataset_command(args: argparse.Namespace) -> int:
     from ..workspace import Workspace
     from .build import build_dataset
-    from .classes import parse_classes
+    from .classes import parse_classes, read_original_labels
     from .records import DatasetError
     from .sources import detect_source, read_pairs_csv, source_from_pairs
 
@@ -59,5 +63,9 @@ def _run_dataset_command(args: argparse.Namespace) -> int:
     print(f"{folder.name}: {meta['numTraining']} cases")
     print(f"  channels: {len(meta['channel_names'])} ({channels})")
     print(f"  classes:  {labels}")
+    original = read_original_labels(meta)
+    if original:
+        values = ", ".join(f"{written}<-{value}" for written, value in original.items() if written)
+        print(f"  renumbered from the files' values: {values} (recorded in dataset.json)")
     print(f"  written:  {folder}")
     return 0

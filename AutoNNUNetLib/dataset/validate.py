@@ -21,6 +21,7 @@ from .classes import (
     MAX_INFERRED_CLASSES,
     check_class_table,
     class_table_from_cases,
+    contiguous_values,
     find_class_value,
     is_background,
 )
@@ -67,6 +68,7 @@ class Validated:
     plans: list[CasePlan]
     classes: dict[str, int]
     channel_names: list[str]
+    original_labels: Optional[dict[int, int]] = None   # written value -> value in the files, if renumbered
 
 
 def emit(progress: Optional[ProgressCallback], fraction: float, message: str) -> None:
@@ -268,15 +270,6 @@ def _values_text(values: Sequence[int], shown: int = 10) -> str:
     return f"[{', '.join(str(v) for v in values[:shown])}, ...] ({len(values)} values)"
 
 
-def _consecutive_problems(classes: Mapping[str, int]) -> list[Problem]:
-    values = sorted(set(classes.values()))
-    expected = list(range(len(values)))
-    if values != expected:
-        message = f"class values must be consecutive 0..{len(expected) - 1} (nnU-Net's rule), got {values}"
-        return [Problem(None, message)]
-    return []
-
-
 def validate(
     source: DatasetSource,
     tol: float = GEOMETRY_TOLERANCE,
@@ -317,7 +310,7 @@ def validate(
     classes: Optional[dict[str, int]]
     if source.classes is not None:
         classes = dict(source.classes)
-        problems += check_class_table(classes) + _consecutive_problems(classes)
+        problems += check_class_table(classes)
     elif cases and all(named):
         classes = class_table_from_cases(cases)
     elif any(named):
@@ -344,22 +337,26 @@ def validate(
     if classes is None and not problems:
         problems += _too_many_values(plans)
     if classes is None and not problems:
-        # No table given: every value found becomes a class, numbered consecutively as nnU-Net wants.
+        # No table given: every value found becomes a class "label_<value>" (renumbered below).
         found = sorted({v for plan in plans for v in plan.label_values} - {0})
         negative = [v for v in found if v < 0]
         if negative:
             problems.append(Problem(None, f"negative label values {negative} found; give a class table"))
-        classes = {BACKGROUND: 0, **{f"label_{v}": i for i, v in enumerate(found, start=1)}}
+        classes = {BACKGROUND: 0, **{f"label_{v}": v for v in found}}
         for plan in plans:
-            plan.value_map = {v: (0 if v == 0 else classes[f"label_{v}"]) for v in plan.label_values}
+            plan.value_map = {v: v for v in plan.label_values}
             if not any(plan.value_map.values()):
                 problems.append(Problem(plan.case.case_id, EMPTY_LABEL))
     if problems:
         raise DatasetError(problems)
     assert classes is not None
-    # nnU-Net requires the name "background" for value 0, whatever the table called it.
-    classes = {(BACKGROUND if v == 0 else n): v for n, v in sorted(classes.items(), key=lambda kv: kv[1])}
-    return Validated(plans, classes, channel_names)
+    # nnU-Net wants 0, 1, 2, ...: other values are the files' own, renumbered in order and recorded.
+    classes, renumber = contiguous_values(classes)
+    if renumber:
+        for plan in plans:
+            plan.value_map = {value: renumber[target] for value, target in plan.value_map.items()}
+    original = {written: value for value, written in renumber.items()} if renumber else None
+    return Validated(plans, classes, channel_names, original)
 
 
 def check_source(source: DatasetSource, tolerance: float = GEOMETRY_TOLERANCE) -> dict[str, int]:

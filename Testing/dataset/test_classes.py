@@ -85,3 +85,24 @@ def test_validation_matches_names_by_the_same_rule(tmp_path: Path) -> None:
     for index in range(5):
         written = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"c{index}.nii.gz")))
         assert (written[0] == 1).all() and (written[1] == 2).all() and (written[2:] == 0).all()
+
+
+def test_contiguous_values_and_the_recorded_mapping(tmp_path: Path) -> None:
+    table, renumber = cl.contiguous_values({"tz": 8, "bg": 0, "pz": 7})
+    assert table == {"background": 0, "pz": 1, "tz": 2} and renumber == {0: 0, 7: 1, 8: 2}
+    assert cl.contiguous_values({"background": 0, "a": 1}) == ({"background": 0, "a": 1}, {})
+    assert cl.parse_classes("pz=7,tz=8") == {"background": 0, "pz": 7, "tz": 8}  # background implied
+    assert cl.parse_classes("Background=0,pz=7") == {"Background": 0, "pz": 7}
+    original = {0: 0, 1: 7, 2: 300}
+    restored = cl.restore_original_labels(np.array([[0, 1], [2, 1]], np.uint8), original)
+    assert restored.dtype == np.uint16 and restored.tolist() == [[0, 7], [300, 7]]
+    with pytest.raises(DatasetError, match="outside 0..2"):
+        cl.restore_original_labels(np.array([3]), original)
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({cl.ORIGINAL_LABELS_KEY: {"0": 0, "2": 8}}))
+    with pytest.raises(DatasetError, match="must cover values 0..n-1"):
+        cl.read_original_labels(path)
+    path.write_text("{broken")
+    with pytest.raises(DatasetError, match="cannot read .*dataset.json"):
+        cl.read_original_labels(path)
+    assert cl.read_original_labels({"labels": {"background": 0}}) is None

@@ -595,10 +595,14 @@ def test_plain_path_to_a_multichannel_file_is_rejected(tmp_path: Path) -> None:
 
 
 def test_class_table_must_suit_nnunet(tmp_path: Path) -> None:
-    cases = [volume_case("a", 0), volume_case("b", 1)]
-    with pytest.raises(DatasetError, match=r"consecutive 0\.\.2"):
-        gap = {"background": 0, "liver": 1, "spleen": 3}
-        build_dataset(volume_source(cases, classes=gap), tmp_path / "ws", name="Test")
+    # (Values with gaps are the files' own values now, renumbered: see test_intake_values.py.)
+    cases = [volume_case(f"c{k}", k) for k in range(5)]
+    with pytest.raises(DatasetError, match=r"gives several classes the value\(s\) \[1\]"):
+        build_dataset(volume_source(cases, classes={"background": 0, "liver": 1, "spleen": 1}), tmp_path / "ws", name="Test")
+    with pytest.raises(DatasetError, match=r"names one class twice"):
+        build_dataset(volume_source(cases, classes={"background": 0, "Liver": 1, "liver ": 2}), tmp_path / "ws", name="Test")
+    with pytest.raises(DatasetError, match=r"must not be negative, got \[-1\]"):
+        build_dataset(volume_source(cases, classes={"background": 0, "liver": -1, "spleen": 2}), tmp_path / "ws", name="Test")
     with pytest.raises(DatasetError, match="no background"):
         build_dataset(volume_source(cases, classes={"liver": 1, "spleen": 2}), tmp_path / "ws", name="Test")
     assert_nothing_written(tmp_path / "ws")

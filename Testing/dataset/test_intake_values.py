@@ -151,3 +151,54 @@ def test_an_intensity_image_given_as_label_is_refused_by_the_class_cap(tmp_path:
     message = refusal(rows, tmp_path / "ws", classes={"background": 0, "thing": 1})
     assert message.startswith("case c2: label values [") and "values) not in the class table" in message
     assert len(message) < 300
+
+
+# --------------------------------------------------------------------------------------------
+# Item 15: class tables on the files' own (non-contiguous) label values
+
+
+def test_classes_named_on_original_values_are_renumbered_and_recorded(tmp_path: Path, capsys) -> None:
+    from AutoNNUNetLib import cli
+    from AutoNNUNetLib.dataset.classes import ORIGINAL_LABELS_KEY, read_original_labels, restore_original_labels
+
+    rows = pairs_folder(tmp_path / "in", ending=".nrrd", values=(7, 8), label_dtype=np.int16)
+    (tmp_path / "in" / "cases.csv").write_text(
+        "case_id,image,label\n" + "".join(f"{c},{i[0].name},{lab.name}\n" for c, i, lab in rows))
+    argv = ["dataset", "--pairs-csv", str(tmp_path / "in" / "cases.csv"), "--workdir", str(tmp_path / "ws"),
+            "--name", "Prostate", "--classes", "pz=7,tz=8"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "classes:  background=0, pz=1, tz=2" in out and "1<-7, 2<-8" in out
+    folder = tmp_path / "ws" / "nnUNet_raw" / "Dataset001_Prostate"
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "pz": 1, "tz": 2}
+    assert meta[ORIGINAL_LABELS_KEY] == {"0": 0, "1": 7, "2": 8}
+    original = read_original_labels(folder / "dataset.json")
+    assert original == {0: 0, 1: 7, 2: 8}
+    for case_id, _, lab in rows:
+        written = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{case_id}.nii.gz")))
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(lab)))
+        assert set(np.unique(written)) == {0, 1, 2}
+        np.testing.assert_array_equal(written, np.select([truth == 7, truth == 8], [1, 2], 0))
+        np.testing.assert_array_equal(restore_original_labels(written, original), truth)
+
+    # A table naming values the files do not hold: one line per case, nothing written.
+    argv[argv.index("pz=7,tz=8")] = "pz=2"
+    argv[argv.index("Prostate")] = "Wrong"
+    assert cli.main(argv + ["--id", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "case c0: label values [7, 8] not in the class table (background=0, pz=2)" in err
+    assert not (tmp_path / "ws" / "nnUNet_raw" / "Dataset002_Wrong").exists()
+
+
+def test_inferred_classes_record_the_original_values_too(tmp_path: Path) -> None:
+    from AutoNNUNetLib.dataset.classes import read_original_labels
+
+    rows = pairs_folder(tmp_path / "in", ending=".nrrd", values=(1, 7, 8, 9))
+    folder = build_dataset(source_from_pairs(rows), tmp_path / "ws", name="Inferred")
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "label_1": 1, "label_7": 2, "label_8": 3, "label_9": 4}
+    assert read_original_labels(meta) == {0: 0, 1: 1, 2: 7, 3: 8, 4: 9}
+    # Values already 0, 1, 2, ...: nothing to record, and the reader says so.
+    plain = build_dataset(source_from_pairs(pairs_folder(tmp_path / "in2", values=(1, 2))), tmp_path / "ws2", name="P")
+    assert read_original_labels(plain / "dataset.json") is None
