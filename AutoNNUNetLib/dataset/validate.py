@@ -270,6 +270,13 @@ def _values_text(values: Sequence[int], shown: int = 10) -> str:
     return f"[{', '.join(str(v) for v in values[:shown])}, ...] ({len(values)} values)"
 
 
+def _usual_channel_count(cases: Sequence[Case]) -> int:
+    """The channel count most cases have (the larger on a tie): the odd case out is the one blamed,
+    even when it is the first."""
+    counts = [len(case.channels) for case in cases]
+    return max(set(counts), key=lambda n: (counts.count(n), n)) if counts else 1
+
+
 def validate(
     source: DatasetSource,
     tol: float = GEOMETRY_TOLERANCE,
@@ -300,7 +307,7 @@ def validate(
             problems.append(Problem(case_id, message))
     problems = list(dict.fromkeys(problems))  # one "duplicate" line per id
 
-    n_channels = len(source.channel_names) if source.channel_names else (len(cases[0].channels) if cases else 1)
+    n_channels = len(source.channel_names) if source.channel_names else _usual_channel_count(cases)
     channel_names = list(source.channel_names) if source.channel_names else [f"channel_{i}" for i in range(n_channels)]
     if len(set(channel_names)) != len(channel_names):
         problems.append(Problem(None, f"channel names must be distinct, got {channel_names}"))

@@ -202,3 +202,18 @@ def test_inferred_classes_record_the_original_values_too(tmp_path: Path) -> None
     # Values already 0, 1, 2, ...: nothing to record, and the reader says so.
     plain = build_dataset(source_from_pairs(pairs_folder(tmp_path / "in2", values=(1, 2))), tmp_path / "ws2", name="P")
     assert read_original_labels(plain / "dataset.json") is None
+
+
+# --------------------------------------------------------------------------------------------
+# Item 17: the case that lacks a channel is the one blamed, even when it is the first
+
+
+def test_a_first_case_without_its_second_channel_is_the_one_blamed(tmp_path: Path) -> None:
+    rows = pairs_folder(tmp_path / "in")
+    rows = [(case_id, [*images, write(image(10 + k), tmp_path / "in" / f"t2_{k}.nii.gz")], lab)
+            for k, (case_id, images, lab) in enumerate(rows)]
+    rows[0] = (rows[0][0], rows[0][1][:1], rows[0][2])
+    assert refusal(rows, tmp_path / "ws") == "case c0: has 1 channel(s), expected 2"
+    # Named channels decide the count, as before.
+    message = refusal(rows, tmp_path / "ws", channel_names=["T1"])
+    assert message.startswith("4 problems in 4 cases") and "case c0" not in message
