@@ -27,41 +27,16 @@ Use it with ``neps.run(optimizer=functools.partial(RegularizedPriorBand, eta=3, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Optional, Sequence
+
+from ..pareto import pareto_ranks
+from . import neps_adapter
 
 if TYPE_CHECKING:
     import pandas as pd
 
 #: Where the runtime of a trial is read from (``report.extra``), and the fallback.
 DEFAULT_RUNTIME_KEY = "seconds_per_epoch"
-
-
-def pareto_ranks(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Non-dominated sorting of 2-objective points (both minimised): 0 = Pareto front.
-
-    A point dominates another when it is no worse in both objectives and better in one.
-    """
-    remaining = set(range(len(points)))
-    ranks = [0] * len(points)
-    rank = 0
-    while remaining:
-        front = [
-            i
-            for i in remaining
-            if not any(
-                points[j][0] <= points[i][0]
-                and points[j][1] <= points[i][1]
-                and (points[j][0] < points[i][0] or points[j][1] < points[i][1])
-                for j in remaining
-                if j != i
-            )
-        ]
-        for i in front:
-            ranks[i] = rank
-        remaining.difference_update(front)
-        rank += 1
-    return ranks
 
 
 def promotion_scores(points: Sequence[tuple[float, float]]) -> list[float]:
@@ -141,10 +116,8 @@ class RegularizedPriorBand:
         inc_ratio: float = 0.9,
         base: Literal["hyperband", "successive_halving"] = "hyperband",
         runtime_key: str = DEFAULT_RUNTIME_KEY,
+        portfolio: Sequence[Mapping[str, Any]] = (),
     ):
-        from neps.optimizers.algorithms import neps_priorband
-        from neps.optimizers.neps_priorband import NePSPriorBandSampler
-
         if runtime_weight < 0 or not math.isfinite(runtime_weight):
             raise ValueError(f"runtime_weight must be a finite number >= 0, got {runtime_weight}")
         if base not in ("hyperband", "successive_halving"):
@@ -152,20 +125,17 @@ class RegularizedPriorBand:
         self.space = space  # NePS looks the fidelity name up here
         self.runtime_weight = float(runtime_weight)
         self.runtime_key = runtime_key
-        self._inner = neps_priorband(
+        self._inner = neps_adapter.priorband(
             space, eta=eta, sample_prior_first=sample_prior_first, inc_ratio=inc_ratio, base=base
         )
+        #: Warm-start candidates (NePS configs without the fidelity): see _warm_start.
+        self.portfolio = [dict(c) for c in portfolio]
         self.derived_info = getattr(self._inner, "derived_info", {})
         self._runtimes: dict[tuple[int, int], float] = {}
         if self.runtime_weight > 0:
             original_brackets = self._inner.create_brackets
             self._inner.create_brackets = lambda table: self._rerank_brackets(original_brackets(table))
-            sampler = self._inner.sampler
-            assert isinstance(sampler, NePSPriorBandSampler)
-            self._inner.sampler = _IncumbentSampler(
-                **{f.name: getattr(sampler, f.name) for f in fields(sampler)},
-                rewrite=self._incumbent_table,
-            )
+            self._inner.sampler = neps_adapter.incumbent_sampler(self._inner.sampler, self._incumbent_table)
 
     @property
     def rung_to_fidelity(self) -> Mapping[int, int | float]:
@@ -178,7 +148,34 @@ class RegularizedPriorBand:
                 for trial_id, trial in trials.items()
                 if trial.report is not None
             }
-        return self._inner(trials, budget_info, n)
+        sample = self._inner(trials, budget_info, n)
+        return self._warm_start(trials, sample) if self.portfolio and n is None else sample
+
+    # -- warm start ---------------------------------------------------------------------------
+
+    def _warm_start(self, trials: Mapping[str, Any], sample: Any) -> Any:
+        """Every second new configuration becomes the next unused portfolio candidate.
+
+        Only new samples (not promotions) are replaced, and not the very first one (the prior
+        when it is sampled first); alternating keeps PriorBand's own prior/incumbent sampling
+        going. The replaced sample keeps its id and fidelity, so the bracket is unchanged.
+        """
+        if sample.previous_config_id is not None or not trials:
+            return sample
+        config_id = str(sample.id).split("_rung_")[0]
+        if any(str(t).split("_rung_")[0] == config_id for t in trials):
+            return sample  # a promotion of a known configuration
+        new_configs = len({str(t).split("_rung_")[0] for t in trials})
+        if new_configs % 2 == 0:
+            return sample
+        used = [{k: v for k, v in trial.config.items() if not k.startswith("ENVIRONMENT__")}
+                for trial in trials.values()]
+        for candidate in self.portfolio:
+            plain = {k: v for k, v in candidate.items() if not k.startswith("ENVIRONMENT__")}
+            if plain not in used:
+                environment = {k: v for k, v in sample.config.items() if k.startswith("ENVIRONMENT__")}
+                return neps_adapter.sampled_config(sample.id, {**plain, **environment}, None)
+        return sample
 
     # -- promotion --------------------------------------------------------------------------
 
@@ -213,12 +210,11 @@ class RegularizedPriorBand:
     def incumbent(self, trials: Mapping[str, Any]) -> Optional[str]:
         """The trial id PriorBand's incumbent-based sampling would mutate (None before any result)."""
         import numpy as np
-        from neps.optimizers.bracket_optimizer import trials_to_table
 
         self._runtimes = {
             _split_trial_id(t): _runtime_of(trial, self.runtime_key) for t, trial in trials.items() if trial.report
         }
-        table = trials_to_table(trials)
+        table = neps_adapter.trials_table(trials)
         if self.runtime_weight > 0:
             table = self._incumbent_table(table)
         completed = table[table["perf"].notna()]
@@ -233,32 +229,3 @@ def _is_finite(value: Any) -> bool:
         return math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
-
-
-def _make_sampler_class():
-    from neps.optimizers.neps_priorband import NePSPriorBandSampler
-
-    @dataclass
-    class IncumbentSampler(NePSPriorBandSampler):
-        """PriorBand's sampler fed a table whose argmin is the regularized incumbent."""
-
-        rewrite: Optional[Callable[[Any], Any]] = None
-
-        def sample_config(self, table, rung):  # type: ignore[override]
-            return super().sample_config(self.rewrite(table) if self.rewrite else table, rung)
-
-    return IncumbentSampler
-
-
-class _LazySamplerFactory:
-    """Defers importing NePS until a regularized optimizer is built (keeps imports cheap)."""
-
-    _cls = None
-
-    def __call__(self, **kwargs: Any) -> Any:
-        if _LazySamplerFactory._cls is None:
-            _LazySamplerFactory._cls = _make_sampler_class()
-        return _LazySamplerFactory._cls(**kwargs)
-
-
-_IncumbentSampler = _LazySamplerFactory()

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..config import TrialConfig
+from ..states import TrialState
 
 REPORT_DIR = "report"
 
 
 def _results(root: Path):
-    from .run import RESULTS_NAME, collect_results, load_results
+    from .layout import RESULTS_NAME
+    from .results import collect_results, load_results
 
     if (root / RESULTS_NAME).is_file():
         return load_results(root)
@@ -47,7 +49,7 @@ def _chains(trials: list) -> dict[int, list]:
 def plot_incumbent(results: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    done = sorted((t for t in results.trials if t.state == "success" and t.mean_dice is not None and t.finished),
+    done = sorted((t for t in results.trials if t.state == TrialState.SUCCEEDED and t.mean_dice is not None and t.finished),
                   key=lambda t: t.finished)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if done:
@@ -83,7 +85,7 @@ def plot_incumbent(results: Any, path: Path) -> Path:
 def plot_pareto(results: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    done = [t for t in results.trials if t.state == "success" and t.mean_dice is not None and t.train_seconds]
+    done = [t for t in results.trials if t.state == TrialState.SUCCEEDED and t.mean_dice is not None and t.train_seconds]
     front = set(results.pareto_front)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if done:
@@ -118,7 +120,7 @@ def plot_pareto(results: Any, path: Path) -> Path:
 def plot_curves(results: Any, path: Path, max_configs: int = 40) -> Path:
     import matplotlib.pyplot as plt
 
-    chains = _chains([t for t in results.trials if t.state == "success"])
+    chains = _chains([t for t in results.trials if t.state == TrialState.SUCCEEDED])
     ranked = sorted(chains.items(), key=lambda item: -max((t.mean_dice or 0.0) for t in item[1]))[:max_configs]
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4.2))
     cmap = plt.get_cmap("tab20")

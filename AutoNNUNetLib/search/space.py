@@ -375,20 +375,9 @@ def trial_config_from_values(values: Mapping[str, Any]) -> tuple[TrialConfig, Op
 
 def resolve_values(space: neps.PipelineSpace, neps_config: Mapping[str, Any]) -> dict[str, Any]:
     """Resolve a stored NePS config against ``space`` into plain attribute values."""
-    from neps.space.neps_spaces.neps_space import NepsCompatConverter, convert_operation_to_callable, resolve
-    from neps.space.neps_spaces.sampling import OnlyPredefinedValuesSampler
+    from .neps_adapter import resolve_config
 
-    data = NepsCompatConverter.from_neps_config(config=neps_config)
-    resolved, _ = resolve(
-        pipeline=space,
-        domain_sampler=OnlyPredefinedValuesSampler(predefined_samplings=data.predefined_samplings),
-        environment_values=data.environment_values,
-    )
-    values = dict(resolved.get_attrs())
-    for name, value in values.items():
-        if isinstance(value, neps.Operation):
-            values[name] = convert_operation_to_callable(value)
-    return values
+    return resolve_config(space, neps_config)
 
 
 def config_from_neps(space: neps.PipelineSpace, neps_config: Mapping[str, Any]) -> tuple[TrialConfig, Optional[int]]:
@@ -410,19 +399,13 @@ def neps_config_from_trial(
     Fields a space does not search are not represented (they take nnU-Net's defaults when mapped
     back). Raises :class:`ConfigError` when a searched value lies outside the space.
     """
-    from neps.space.neps_spaces.neps_space import NepsCompatConverter, resolve
-    from neps.space.neps_spaces.sampling import PriorOrFallbackSampler, RandomSampler
+    from .neps_adapter import prior_sample_config
 
     space = build_space(
         name, min_epochs=min_epochs, max_epochs=max_epochs, prior=config, planned_stages=planned_stages
     )
     # Centred on ``config``, the space's prior sample is ``config`` itself.
-    _, context = resolve(
-        pipeline=space,
-        domain_sampler=PriorOrFallbackSampler(fallback_sampler=RandomSampler({}), always_use_prior=True),
-        environment_values={FIDELITY: int(epochs)},
-    )
-    return dict(NepsCompatConverter.to_neps_config(context))
+    return prior_sample_config(space, {FIDELITY: int(epochs)})
 
 
 _SAMPLING_RE = re.compile(r"^(?:config\.)?SAMPLING__Resolvable\.(?P<path>.*?)::(?P<kind>[a-z]+)__.*$")

@@ -23,12 +23,12 @@ import pytest
 pytest.importorskip("neps")
 
 from AutoNNUNetLib.events import read_events  # noqa: E402
+from AutoNNUNetLib.states import TrialState  # noqa: E402
 from AutoNNUNetLib.search import (  # noqa: E402
     EVENTS_NAME,
     RESULTS_NAME,
     SearchSettings,
     load_results,
-    neps_root,
     run_search,
 )
 
@@ -68,12 +68,10 @@ def _wait_for(root: Path, predicate, offset: int, process: subprocess.Popen, tim
 
 
 def _neps_states(root: Path) -> dict[str, str]:
-    from neps.state import NePSState
+    """NePS's own state of every trial (its words: pending, evaluating, success, ...)."""
+    from AutoNNUNetLib.search.neps_adapter import read_trials
 
-    from AutoNNUNetLib.search import _read_trials
-
-    state = NePSState.create_or_load(path=neps_root(root), load_only=True)
-    return {trial_id: str(trial.metadata.state) for trial_id, trial in _read_trials(state).items()}
+    return {trial_id: trial.neps_state for trial_id, trial in read_trials(root).items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +94,7 @@ def test_search_runs_rungs_and_resumes_promotions(searched):
     assert results.state == "finished"
     assert results.rungs == {0: 1, 1: 2, 2: 4}
     trials = {t.trial_id: t for t in results.trials}
-    assert len(trials) == 7 and all(t.state == "success" for t in trials.values())
+    assert len(trials) == 7 and all(t.state == TrialState.SUCCEEDED for t in trials.values())
     assert sorted(Counter(t.rung for t in trials.values()).items()) == [(0, 4), (1, 2), (2, 1)]
 
     promoted = [t for t in trials.values() if t.rung > 0]
@@ -288,7 +286,7 @@ def test_interrupt_kill_and_resume(hippo_workspace, tmp_path):
     trials = {t.trial_id: t for t in results.trials}
     assert len(trials) == 5
     assert trials[victim].state == "failed" and "died" in trials[victim].error
-    successes = [t for t in trials.values() if t.state == "success"]
+    successes = [t for t in trials.values() if t.state == TrialState.SUCCEEDED]
     assert len(successes) == 4
 
     # Nothing finished was trained twice; the interrupted/killed trial ran 3 times, then failed.
@@ -314,7 +312,7 @@ def test_two_workers_share_one_root(hippo_workspace, tmp_path):
     results = run_search(hippo_workspace, root, settings)
     assert results.state == "finished"
     trials = results.trials
-    assert len(trials) == 4 and all(t.state == "success" for t in trials)
+    assert len(trials) == 4 and all(t.state == TrialState.SUCCEEDED for t in trials)
     started = _started(root)
     assert sorted(started) == sorted(t.trial_id for t in trials)
     assert set(started.values()) == {1}  # no trial evaluated twice
@@ -365,7 +363,7 @@ def test_wall_clock_limit_requeues_the_running_trial(hippo_workspace, tmp_path):
     cut = [trial_id for trial_id, state in states.items() if state == "pending"]
     done = len(states) - len(cut)
     results = run_search(hippo_workspace, root, _settings(wall_time=600.0, max_trials=done + 1))
-    assert results.trial(cut[0]).state == "success"
+    assert results.trial(cut[0]).state == TrialState.SUCCEEDED
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,7 +371,8 @@ def test_wall_clock_limit_requeues_the_running_trial(hippo_workspace, tmp_path):
 
 
 def test_search_straight_from_a_source_folder(hippocampus_dir, tmp_path):
-    from test_server import make_subset
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "remote"))
+    from test_server import make_subset  # the one helper that cuts an MSD task folder
 
     source = make_subset(hippocampus_dir, tmp_path / "Task04_Hippocampus", 6)
     work, root = tmp_path / "work", tmp_path / "root"
@@ -388,7 +387,7 @@ def test_search_straight_from_a_source_folder(hippocampus_dir, tmp_path):
     assert len(list((raw / "labelsTr").glob("*.nii.gz"))) == 6
     assert (work / "nnUNet_preprocessed" / "Dataset001_Hippocampus" / "nnUNetPlans.json").is_file()
     results = load_results(root)
-    assert len(results.trials) == 1 and results.trials[0].state == "success"
+    assert len(results.trials) == 1 and results.trials[0].state == TrialState.SUCCEEDED
     # Rerunning the same command neither rebuilds the dataset nor trains again.
     stamp = (raw / "dataset.json").stat().st_mtime_ns
     again = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
