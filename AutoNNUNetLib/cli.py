@@ -27,7 +27,7 @@ VERB_MODULES = {
     "import-model": "AutoNNUNetLib.model",
     "predict": "AutoNNUNetLib.inference",
     "demo": "AutoNNUNetLib.demo",
-    "search": "AutoNNUNetLib.search.run",
+    "search": "AutoNNUNetLib.search.cli",
     "report": "AutoNNUNetLib.search.report",
     "serve": "AutoNNUNetLib.server",
     "token": "AutoNNUNetLib.server",
