@@ -1,0 +1,61 @@
+"""nnU-Net's own model selection after a search: finalize, cross-validate, ensemble, postprocess.
+
+The search stops at one configuration trained on the folds it was evaluated on. nnU-Net itself
+goes further (``nnUNetv2_find_best_configuration``): every candidate is trained on all five folds,
+the cross-validation predictions decide between single models and pairwise ensembles (softmax
+averaging), and then whether keeping only the largest connected component helps. This package
+does the same for the search's candidates and writes nnU-Net's own files, so that stock
+``nnUNetv2_predict`` + ``nnUNetv2_ensemble`` + ``nnUNetv2_apply_postprocessing`` reproduce the
+result without our code.
+
+Modules (one concept each):
+
+- :mod:`.candidates` - which configurations compete (incumbent, Pareto points, 2d / 3d_lowres).
+- :mod:`.finalize` - train each candidate on all folds to the final length F (resumable).
+- :mod:`.crossval` - predict each fold's validation cases with that fold's checkpoint (probabilities).
+- :mod:`.scores` - Dice per case and class, means as nnU-Net's evaluation computes them.
+- :mod:`.ensemble` - softmax averaging.
+- :mod:`.postprocessing` - largest-component decisions and ``postprocessing.pkl``.
+- :mod:`.choose` - the selection itself (best single model or pairwise ensemble, then postprocessing).
+- :mod:`.instructions` - ``inference_information.json`` / ``inference_instructions.txt``.
+- :mod:`.predictor` - :class:`Selection`: predict with the selection in memory.
+- :mod:`.report` - the candidates table (text / markdown).
+- :mod:`.cli` - ``autonnunet finalize`` and ``autonnunet select``.
+
+Imports are lazy so that ``autonnunet --help`` does not load numpy or torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Candidate": "candidates",
+    "candidates_from_search": "candidates",
+    "candidates_from_models": "candidates",
+    "other_configurations": "candidates",
+    "finalize": "finalize",
+    "FinalizeResult": "finalize",
+    "predict_fold_validation": "crossval",
+    "dice_per_label": "scores",
+    "CVScore": "scores",
+    "average_probabilities": "ensemble",
+    "keep_largest_component": "postprocessing",
+    "PostprocessingPlan": "postprocessing",
+    "decide_postprocessing": "postprocessing",
+    "select": "choose",
+    "write_selection": "choose",
+    "SelectionResult": "choose",
+    "Selection": "predictor",
+    "format_report": "report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

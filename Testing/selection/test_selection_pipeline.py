@@ -1,0 +1,163 @@
+"""Finalize two configurations x 5 folds on hippocampus, select, and reproduce it with stock nnU-Net.
+
+Tiny CPU budgets (1 epoch x 2 iterations per fold): the models are poor, which is fine: the tests
+check that the files are written, that stock tools and our Selection give the same label maps
+voxel for voxel, and that a re-run of finalize trains only the missing folds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from AutoNNUNetLib.config import TrialConfig
+from AutoNNUNetLib.selection.candidates import Candidate
+from AutoNNUNetLib.selection.finalize import finalize, load_finalized
+from AutoNNUNetLib.selection.layout import CV_MARKER
+
+EPOCHS, ITERATIONS = 1, 2
+
+
+def _candidates():
+    return [Candidate("incumbent", TrialConfig(), origin="incumbent"),
+            Candidate("pareto1", TrialConfig(base_num_features=16, initial_lr=0.02), origin="pareto")]
+
+
+def _checkpoints(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("checkpoint_final.pth")}
+
+
+@pytest.fixture(scope="module")
+def finalized(hippo_workspace, tmp_path_factory):
+    root = tmp_path_factory.mktemp("selection") / "root"
+    result = finalize(hippo_workspace, _candidates(), root, epochs=EPOCHS, iterations_per_epoch=ITERATIONS,
+                      device="cpu", seed=0)
+    return result
+
+
+def test_finalize_trains_every_fold_and_keeps_probabilities(finalized):
+    assert sorted(finalized.actions.values()) == ["trained"] * 10
+    for entry in finalized.candidates:
+        assert entry.model_dir.name == f"nnUNetTrainer__nnUNetPlans_{entry.candidate.name}__3d_fullres"
+        cases = set()
+        for fold in range(5):
+            validation = entry.model_dir / f"fold_{fold}" / "validation"
+            assert (entry.model_dir / f"fold_{fold}" / "checkpoint_final.pth").is_file()
+            assert (validation / CV_MARKER).is_file()
+            names = sorted(p.name[:-4] for p in validation.glob("*.npz"))
+            assert names and not cases & set(names)  # each case is validated by exactly one fold
+            cases |= set(names)
+            with np.load(validation / f"{names[0]}.npz") as data:
+                probabilities = data["probabilities"]
+            assert probabilities.shape[0] == 3 and np.allclose(probabilities.sum(0), 1, atol=1e-4)
+        assert len(cases) == 60
+
+
+def test_select_writes_nnunet_files_and_report(finalized):
+    from AutoNNUNetLib.files import read_json
+    from AutoNNUNetLib.selection.choose import SelectionResult, select
+    from AutoNNUNetLib.selection.report import format_report
+
+    result = select(finalized.root)
+    results = finalized.root / "nnUNet_results" / "Dataset004_Hippocampus"
+    info = read_json(results / "inference_information.json")
+    assert info["folds"] == [0, 1, 2, 3, 4]
+    chosen = info["best_model_or_ensemble"]
+    assert Path(chosen["postprocessing_file"]).is_file() and Path(chosen["some_plans_file"]).is_file()
+    assert [m["plans_identifier"] for m in chosen["selected_model_or_models"]] == \
+        [m["plans_identifier"] for m in result.members]
+    assert len(info["all_results"]) == 3  # two candidates and their ensemble
+    best = max(info["all_results"].values())
+    assert chosen["result_on_crossval_pre_pp"] == pytest.approx(best)
+    assert chosen["result_on_crossval_post_pp"] >= chosen["result_on_crossval_pre_pp"]
+    text = (results / "inference_instructions.txt").read_text()
+    assert "nnUNetv2_predict -d Dataset004_Hippocampus" in text and "nnUNetv2_apply_postprocessing" in text
+    loaded = SelectionResult.load(finalized.root)
+    assert loaded.best == result.best and loaded.to_dict() == result.to_dict()
+    report = format_report(loaded, markdown=True)
+    assert "| incumbent + pareto1" in report and "largest component: all foreground" in report
+
+
+def test_stock_tools_reproduce_the_selection(finalized, hippo_workspace, hippocampus_dir, tmp_path):
+    """Forced: the ensemble of both candidates with every postprocessing step, on held-out images."""
+    from AutoNNUNetLib.imaging import Volume
+    from AutoNNUNetLib.selection.choose import write_selection
+    from AutoNNUNetLib.selection.instructions import stock_commands
+    from AutoNNUNetLib.selection.postprocessing import PostprocessingPlan, PostprocessingStep
+    from AutoNNUNetLib.selection.predictor import Selection
+
+    root = tmp_path / "root"
+    shutil.copytree(finalized.root, root)
+    state = load_finalized(root)
+    plan = PostprocessingPlan([PostprocessingStep(t, k, {}, {}, 0.0, 0.0, True)
+                               for t, k in (((1, 2), "all_foreground"), (1, "label"), (2, "label"))])
+    written = write_selection(state, ["incumbent", "pareto1"], plan)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    held_out = sorted((hippocampus_dir / "imagesTs").glob("hippocampus_*.nii.gz"))[:2]
+    for path in held_out:
+        shutil.copy(path, inputs / path.name.replace(".nii.gz", "_0000.nii.gz"))
+
+    env = dict(os.environ, nnUNet_results=str(root / "nnUNet_results"), nnUNet_raw=str(hippo_workspace.raw),
+               nnUNet_preprocessed=str(hippo_workspace.preprocessed), nnUNet_compile="false")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    output = tmp_path / "out"
+    member_dicts = written.members
+    commands = stock_commands(written.dataset, member_dicts, written.folds, root / written.postprocessing_file,
+                              root / written.postprocessing_file.replace("postprocessing.pkl", "plans.json"),
+                              written.use_mirroring, str(inputs), str(output), device="cpu", processes=1)
+    assert [c[0] for c in commands] == ["nnUNetv2_predict", "nnUNetv2_predict", "nnUNetv2_ensemble",
+                                        "nnUNetv2_apply_postprocessing"]
+    for argv in commands:
+        completed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-2000:]
+
+    selection = Selection(root, device="cpu")
+    assert selection.is_ensemble and len(selection.postprocessing.kept) == 3
+    for path in held_out:
+        case = path.name.replace(".nii.gz", "")
+        ours = selection.predict([Volume.read(inputs / f"{case}_0000.nii.gz")])
+        stock = Volume.read(Path(f"{output}_PP") / f"{case}.nii.gz")
+        assert ours.array.shape == stock.array.shape
+        assert np.array_equal(ours.array, stock.array)
+        assert ours.geometry.close_to(stock.geometry)
+        unprocessed = Volume.read(output / f"{case}.nii.gz")
+        assert np.array_equal(selection.predict_labels([Volume.read(inputs / f"{case}_0000.nii.gz")]),
+                              unprocessed.array)
+
+
+def test_finalize_rerun_trains_only_missing_folds(finalized, hippo_workspace, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(finalized.root, root)
+    killed = root / "nnUNet_results" / "Dataset004_Hippocampus" / "nnUNetTrainer__nnUNetPlans_pareto1__3d_fullres" / "fold_3"
+    shutil.rmtree(killed)  # as a finalize killed while training pareto1's fold 3 leaves it
+    before = _checkpoints(root)
+    rerun = finalize(hippo_workspace, _candidates(), root, epochs=EPOCHS, iterations_per_epoch=ITERATIONS,
+                     device="cpu", seed=0)
+    assert rerun.trained() == [("pareto1", 3)]
+    assert {a for k, a in rerun.actions.items() if k != ("pareto1", 3)} == {"kept"}
+    after = _checkpoints(root)
+    assert {k: after[k] for k in before} == before  # the finished folds were not touched
+    assert (killed / "checkpoint_final.pth").is_file() and (killed / "validation" / CV_MARKER).is_file()
+
+    from AutoNNUNetLib.selection.layout import SelectionError
+
+    with pytest.raises(SelectionError, match="epochs"):
+        finalize(hippo_workspace, _candidates(), root, epochs=EPOCHS + 1, iterations_per_epoch=ITERATIONS,
+                 device="cpu")
+
+
+def test_finalize_reuses_folds_of_a_source_model(finalized, hippo_workspace, tmp_path):
+    source = finalized.candidates[0].model_dir
+    candidate = Candidate("incumbent", TrialConfig(), origin="incumbent", source_dir=source)
+    result = finalize(hippo_workspace, [candidate], tmp_path / "reuse", epochs=EPOCHS, iterations_per_epoch=ITERATIONS,
+                      folds=[0], device="cpu")
+    assert result.actions == {("incumbent", 0): "reused"}
+    copied = result.candidates[0].model_dir / "fold_0" / "checkpoint_final.pth"
+    assert copied.read_bytes() == (source / "fold_0" / "checkpoint_final.pth").read_bytes()
