@@ -93,11 +93,12 @@ class Server:
 UPLOAD_CLIENT = r"""
 import json, os, sys, time
 from pathlib import Path
-from AutoNNUNetLib.client import RemoteClient, _sha256_file
+from AutoNNUNetLib.files import sha256_file
+from AutoNNUNetLib.remote.client import RemoteClient
 url, token, path, chunk = sys.argv[1:5]
 client = RemoteClient(url, token, timeout=(10, 300), chunk_size=int(chunk))
 t0 = time.perf_counter()
-_sha256_file(Path(path))  # what upload_file does first; timed separately
+sha256_file(Path(path))  # what upload_file does first; timed separately
 t1 = time.perf_counter()
 record = client.upload_file(path, wait=False)
 t2 = time.perf_counter()
@@ -110,7 +111,7 @@ print(json.dumps({"hash_seconds": t1 - t0, "upload_seconds": t2 - t1, "state": r
 
 
 def bench_upload(work: Path, size_mb: int, chunk_mb: int, parsers: list[str]) -> list[dict]:
-    from AutoNNUNetLib.store import Store
+    from AutoNNUNetLib.remote.server.store import Store
 
     archive = work / "archive.bin"
     with open(archive, "wb") as handle:  # written in pieces: the benchmark itself stays small too
@@ -185,7 +186,7 @@ def poller(url: str, token: str, job_id: str, threads: int, seconds: float, inte
 
 
 def bench_polling(work: Path, clients: int, seconds: float) -> list[dict]:
-    from AutoNNUNetLib.store import Store
+    from AutoNNUNetLib.remote.server.store import Store
 
     data_dir = work / "poll-data"
     store = Store(data_dir / "autonnunet.db")

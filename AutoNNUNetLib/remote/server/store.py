@@ -14,7 +14,6 @@ its records are plain dataclasses that FastAPI can render as response models.
 
 from __future__ import annotations
 
-from .errors import AutoNNUNetError
 import contextlib
 import hashlib
 import json
@@ -26,6 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
+from ...errors import AutoNNUNetError
+from ...files import PRIVATE_FILE_MODE
+from ...states import JobState
+
 #: Bump when the schema changes; :meth:`Store._migrate` brings older files forward.
 SCHEMA_VERSION = 1
 
@@ -33,8 +36,10 @@ SCHEMA_VERSION = 1
 TOKEN_PREFIX = "ann_"
 
 UPLOAD_STATES = ("receiving", "validating", "ready", "invalid")
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+#: Upload states that hold disk space not yet written (reserved) and count as open per user.
+OPEN_UPLOAD_STATES = ("receiving", "validating")
+JOB_STATES = tuple(state.value for state in JobState)
+FINAL_JOB_STATES = tuple(state.value for state in JobState if state.done)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -171,6 +176,13 @@ class Store:
         self._connection().executescript(_SCHEMA)
         with self.transaction() as db:
             self._migrate(db)
+        self._make_private()
+
+    def _make_private(self) -> None:
+        """The database and its WAL files hold token hashes and everyone's jobs: owner only."""
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(str(self.path) + suffix).chmod(PRIVATE_FILE_MODE)
 
     # -- connection handling -------------------------------------------------------------------
     def _connection(self) -> sqlite3.Connection:
@@ -251,7 +263,17 @@ class Store:
             raise ValueError("name a user or a token id to revoke")
         with self.transaction() as db:
             if token_id:
-                cur = db.execute("UPDATE tokens SET revoked = 1 WHERE substr(hash, 1, ?) = ?", (len(token_id), token_id))
+                # An id names one token: a prefix that matches several (``--id b``) revokes none.
+                token_id = token_id.strip().lower()
+                if not token_id:
+                    raise StoreError("name a token id as `autonnunet token list` shows it")
+                matches = db.execute("SELECT hash FROM tokens WHERE substr(hash, 1, ?) = ?",
+                                     (len(token_id), token_id)).fetchall()
+                if len(matches) != 1:
+                    raise StoreError(f"token id {token_id!r} matches {len(matches)} tokens; give the id "
+                                     "exactly as `autonnunet token list` shows it" if matches else
+                                     f"no token with id {token_id!r}; `autonnunet token list` shows the ids")
+                cur = db.execute("UPDATE tokens SET revoked = 1 WHERE hash = ?", (matches[0]["hash"],))
             else:
                 cur = db.execute("UPDATE tokens SET revoked = 1 WHERE user = ?", (user,))
             return cur.rowcount
@@ -302,6 +324,15 @@ class Store:
             args.append(state)
         return [self._upload(row) for row in self._read(sql + " ORDER BY created", tuple(args))]
 
+    def open_uploads(self, user: Optional[str] = None) -> list[UploadRecord]:
+        """Uploads still receiving or being validated (all users' with ``user=None``)."""
+        sql = f"SELECT * FROM uploads WHERE state IN ({','.join('?' * len(OPEN_UPLOAD_STATES))})"
+        args: list[Any] = list(OPEN_UPLOAD_STATES)
+        if user is not None:
+            sql += " AND user = ?"
+            args.append(user)
+        return [self._upload(row) for row in self._read(sql, tuple(args))]
+
     def advance_upload(self, upload_id: str, expected: int, received: int) -> bool:
         """Move the committed offset from ``expected`` to ``received``; False if another writer moved it."""
         with self.transaction() as db:
@@ -344,13 +375,16 @@ class Store:
         return JobRecord(**data)
 
     def create_job(self, user: str, kind: str, params: dict[str, Any], *, slots: int = 1,
-                   idempotency_key: Optional[str] = None) -> tuple[JobRecord, bool]:
+                   idempotency_key: Optional[str] = None,
+                   max_unfinished: Optional[int] = None) -> tuple[Optional[JobRecord], bool]:
         """Queue a job; returns ``(job, created)``.
 
         With an idempotency key, a repeated request returns the job of the first one instead of
         queueing a second (``created`` is False); the same key with a different body raises
         :class:`IdempotencyConflict`. Key lookup and insert share one transaction, so two
-        concurrent retries cannot both create a job.
+        concurrent retries cannot both create a job. With ``max_unfinished``, a user who already
+        has that many queued or running jobs gets ``(None, False)``: the count and the insert
+        share the transaction too, so parallel submits cannot pass the limit together.
         """
         body = json.dumps({"kind": kind, "params": params}, sort_keys=True)
         request_hash = hashlib.sha256(body.encode()).hexdigest()
@@ -368,6 +402,11 @@ class Store:
                     existing = db.execute("SELECT * FROM jobs WHERE id = ?", (row["job_id"],)).fetchone()
                     if existing is not None:
                         return self._job(existing), False
+            if max_unfinished is not None:
+                unfinished = db.execute("SELECT COUNT(*) FROM jobs WHERE user = ? AND state IN ('queued', 'running')",
+                                        (user,)).fetchone()[0]
+                if unfinished >= max_unfinished:
+                    return None, False
             db.execute(
                 "INSERT INTO jobs(id, user, kind, params, state, slots, created) VALUES (?, ?, ?, ?, 'queued', ?, ?)",
                 (job_id, user, kind, json.dumps(params), slots, time.time()),
@@ -389,7 +428,7 @@ class Store:
         return self._job(rows[0])
 
     def list_jobs(self, user: Optional[str] = None, states: Optional[tuple[str, ...]] = None,
-                  limit: Optional[int] = None) -> list[JobRecord]:
+                  limit: Optional[int] = None, offset: int = 0) -> list[JobRecord]:
         sql, args = "SELECT * FROM jobs WHERE 1=1", []
         if user is not None:
             sql += " AND user = ?"
@@ -398,10 +437,26 @@ class Store:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args.extend(states)
         sql += " ORDER BY seq"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(int(limit))
+        if limit is not None or offset:
+            sql += " LIMIT ? OFFSET ?"
+            args.extend([-1 if limit is None else int(limit), int(offset)])
         return [self._job(row) for row in self._read(sql, tuple(args))]
+
+    def queue_position(self, seq: int) -> int:
+        """How many queued jobs (of all users) are ahead of the job with this ``seq``."""
+        return self._read("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND seq < ?", (seq,))[0][0]
+
+    def queue_positions(self, seqs: list[int]) -> dict[int, int]:
+        """Queue positions of several queued jobs from one ordered scan of the queue (linear)."""
+        wanted, positions = set(seqs), {}
+        for index, row in enumerate(self._read("SELECT seq FROM jobs WHERE state = 'queued' ORDER BY seq")):
+            if row[0] in wanted:
+                positions[row[0]] = index
+        return positions
+
+    def delete_job(self, job_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     _JOB_COLUMNS = {
         "state", "devices", "started", "finished", "attempts", "pid", "exit_code", "error", "progress",
@@ -409,8 +464,9 @@ class Store:
     }
 
     def update_job(self, job_id: str, *, expect_state: Optional[Union[str, tuple[str, ...]]] = None,
-                   **changes: Any) -> bool:
-        """Set columns of a job; with ``expect_state`` only if it is still in that state (compare-and-set)."""
+                   expect_cancel: Optional[bool] = None, **changes: Any) -> bool:
+        """Set columns of a job; with ``expect_state`` (and ``expect_cancel``: whether a cancel was
+        requested) only if the job still is so (compare-and-set). True when the row changed."""
         unknown = set(changes) - self._JOB_COLUMNS
         if unknown:
             raise StoreError(f"unknown job fields {sorted(unknown)}")
@@ -432,6 +488,9 @@ class Store:
             states = (expect_state,) if isinstance(expect_state, str) else tuple(expect_state)
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args.extend(states)
+        if expect_cancel is not None:
+            sql += " AND cancel_requested = ?"
+            args.append(int(expect_cancel))
         with self.transaction() as db:
             return db.execute(sql, tuple(args)).rowcount == 1
 

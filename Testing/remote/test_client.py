@@ -27,9 +27,11 @@ from typing import Optional
 
 import pytest
 
-from AutoNNUNetLib.client import RemoteClient, RemoteError, make_archive
+from AutoNNUNetLib.jobs.job import Job
+from AutoNNUNetLib.remote.client import RemoteClient, RemoteError, make_archive
+from AutoNNUNetLib.remote.job import RemoteJob
 from AutoNNUNetLib.processes import process_group_members
-from AutoNNUNetLib.store import Store
+from AutoNNUNetLib.remote.server.store import Store
 
 from test_server import ServerProcess, check_data_dir, free_port, images_folder, make_subset
 
@@ -196,7 +198,7 @@ def test_download_the_model_and_predict_locally(remote, search_job, hippocampus_
     import SimpleITK as sitk
 
     from AutoNNUNetLib.inference import Predictor
-    from AutoNNUNetLib.jobs import sha256_file
+    from AutoNNUNetLib.files import sha256_file
     from AutoNNUNetLib.model import import_model
 
     job = search_job["job"]
@@ -302,6 +304,37 @@ def test_errors_name_the_server_and_what_to_do(remote, tmp_path):
     with pytest.raises(RemoteError, match="too large") as error:
         remote.client.upload_file(big)
     assert error.value.status == 413 and "--max-upload-gb" in str(error.value)
+
+
+def test_remote_job_reattaches_by_id_folds_progress_and_downloads(remote, search_job, tmp_path):
+    job = RemoteJob.attach(remote.client, search_job["job"]["id"], download_dir=tmp_path)
+    assert isinstance(job, Job) and job.job_id == search_job["job"]["id"] and job.kind == "search"
+    final = job.wait(timeout=120, interval=0.1)
+    assert final.state == "succeeded" and final.done, final.message
+    # All events from the start, folded by the same SearchProgress the Slicer module shows.
+    assert [e.kind for e in final.events] == [e.kind for e in search_job["events"]]
+    assert final.progress.best_dice is not None and final.progress.trials_finished >= 2
+    assert "[autonnunet job] succeeded" in final.log
+    expected = next(a["sha256"] for a in search_job["job"]["artifacts"] if a["name"] == "model.zip")
+    from AutoNNUNetLib.files import sha256_file
+
+    assert job.output == tmp_path / "model.zip" and sha256_file(job.output) == expected
+    assert (tmp_path / "results.json").is_file()
+    assert job.poll().state == "succeeded" and job.poll().events == []  # later polls: the same end
+    with pytest.raises(RemoteError, match="404"):
+        RemoteJob.attach(remote.client, "j0123456789abcdef")
+
+
+def test_remote_job_cancelled_right_after_submit_leaves_nothing_running(remote, search_job):
+    params = {"upload_id": search_job["upload"]["id"], "epochs": 200, "iterations_per_epoch": 2}
+    job = RemoteJob.submit(remote.client, "train", params)
+    job.cancel()  # before the submit has even returned: cancelled as soon as it has
+    final = job.wait(timeout=120, interval=0.1)
+    assert final.state == "cancelled", final.message
+    assert job.job_id and "Submitted remote job" in final.log
+    record = Store(remote.data_dir / "autonnunet.db").get_job(job.job_id)
+    assert record.state == "cancelled"
+    assert record.pid is None or process_group_members(record.pid) == []
 
 
 def test_data_dir_is_consistent_after_the_round_trip(remote, search_job):
