@@ -29,9 +29,9 @@ VERB_MODULES = {
     "demo": "AutoNNUNetLib.demo",
     "search": "AutoNNUNetLib.search.cli",
     "report": "AutoNNUNetLib.search.report",
-    "serve": "AutoNNUNetLib.server",
-    "token": "AutoNNUNetLib.server",
-    "remote": "AutoNNUNetLib.client",
+    "serve": "AutoNNUNetLib.remote.server.cli",
+    "token": "AutoNNUNetLib.remote.server.cli",
+    "remote": "AutoNNUNetLib.remote.cli",
 }
 
 #: Modules that register verbs, in the order their verbs appear in ``--help``.
