@@ -1,0 +1,328 @@
+"""AutoNNUNetSlicerLib without Slicer: the request record, the install flow, the job board,
+background calls and the panel's texts.
+
+What Slicer would do is played by small fakes of the one seam each piece has (an Installer, a Job
+following the library's protocol); everything else is the real code. Real local jobs run through
+the same glue the panel uses.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from AutoNNUNetLib.errors import AutoNNUNetError
+from AutoNNUNetLib.events import ProgressEvent
+from AutoNNUNetLib.jobs.job import JobUpdate
+from AutoNNUNetLib.states import JobState
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "AutoNNUNet"))
+from AutoNNUNetSlicerLib import install, parameters, tasks, widget  # noqa: E402
+from AutoNNUNetSlicerLib import jobs as modulejobs  # noqa: E402
+
+PANEL = {"searchSpace": "HPO + NAS", "profile": "default", "totalEpochs": 300, "wallTimeHours": 1.5, "maxTrials": 0,
+         "minEpochs": 10, "maxEpochs": 100, "folds": "all", "iterationsPerEpoch": 0, "priorFirst": True,
+         "runtimeWeight": 0.5, "device": "cpu"}
+
+
+# -- the one search request ----------------------------------------------------------------------
+
+
+def test_panel_values_become_the_one_search_record():
+    settings = parameters.search_settings(PANEL)
+    assert (settings.space, settings.profile, settings.folds) == ("hpo_nas", "default", [0, 1, 2, 3, 4])
+    assert (settings.min_epochs, settings.max_epochs, settings.total_epochs) == (10, 100, 300)
+    assert settings.wall_time == 5400.0 and settings.max_trials is None and settings.prior_first
+    assert settings.runtime_weight == 0.5 and settings.device == "cpu"
+    # The record round-trips through what the child reads (--request FILE is its to_dict).
+    assert type(settings).from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
+    request = parameters.search_request(settings)
+    assert request["space"] == "hpo_nas" and request["total_epochs"] == 300 and "device" not in request
+    quick = parameters.search_settings({**PANEL, "profile": "quick"})
+    assert quick.max_epochs != 100  # the quick profile brings its own epoch range
+
+
+@pytest.mark.parametrize("change", [{"runtimeWeight": float("inf")}, {"runtimeWeight": float("nan")},
+                                    {"device": "tpu"}, {"searchSpace": "everything"}, {"minEpochs": 200}])
+def test_values_that_cannot_run_are_refused_before_anything_starts(change):
+    with pytest.raises(AutoNNUNetError):
+        parameters.search_settings({**PANEL, **change})
+
+
+# -- dependencies --------------------------------------------------------------------------------
+
+
+REQUIREMENTS = ["torch>=2.5,!=2.9.*,<=2.14.1", "nnunetv2>=2.8.1,<2.9", "neural-pipeline-search>=0.17,<0.18",
+                "SimpleITK>=2.3,<3", "numpy>=1.26,<3", "requests>=2.31,<3", "filelock>=3.12"]
+
+
+class FakeInstaller:
+    """The Slicer side of the install: records what was asked; installs into ``versions``."""
+
+    def __init__(self, versions, has_utils=True, extension=False, accept=True, installs=True):
+        self.versions = versions
+        self.has_utils, self.extension, self.accept, self.installs = has_utils, extension, accept, installs
+        self.calls: list = []
+
+    def pytorch_utils_available(self):
+        return self.has_utils
+
+    def extension_installed(self, name):
+        return self.extension
+
+    def install_extension(self, name):
+        self.calls.append(("extension", name))
+        return self.installs
+
+    def install_torch(self, specifier):
+        self.calls.append(("torch", specifier))
+        self.versions["torch"] = "2.6.0"
+        return True
+
+    def pip_install(self, arguments):
+        split = arguments.index("--constraint")
+        requirements, constraints = arguments[:split], Path(arguments[split + 1]).read_text()
+        self.calls.append(("pip", requirements, constraints))
+        for requirement in requirements:
+            name = install.requirement_name(requirement)
+            self.versions[name] = {"nnunetv2": "2.8.1", "neural-pipeline-search": "0.17.0", "filelock": "3.13.0",
+                                   "requests": "2.32.0"}[name]
+
+    def confirm(self, question):
+        self.calls.append(("confirm", question))
+        return self.accept
+
+    def log(self, text):
+        pass
+
+
+def test_requirement_checks_follow_the_metadata():
+    versions = {"torch": "2.9.0", "nnunetv2": "2.8.1", "requests": "2.32.0"}
+    missing = install.missing_requirements(REQUIREMENTS, versions.get)
+    assert missing[0] == REQUIREMENTS[0]  # torch 2.9 is excluded by nnunetv2
+    assert "neural-pipeline-search>=0.17,<0.18" in missing and "SimpleITK>=2.3,<3" not in missing
+    assert install.missing_requirements(REQUIREMENTS, versions.get, remote_only=True) == []
+    assert install.missing_requirements(REQUIREMENTS, {}.get, remote_only=True) == ["requests>=2.31,<3"]
+    assert install.torch_version_specifier(REQUIREMENTS) == ">=2.5,!=2.9.*,<=2.14.1"
+
+
+def test_declining_the_pytorch_extension_is_a_result_not_a_failure():
+    installer = FakeInstaller({}, has_utils=False, accept=False)
+    result = install.install_dependencies(installer, REQUIREMENTS, {}.get)
+    assert result.declined and not result.needs_restart and "not installed" in result.message
+    assert [c[0] for c in installer.calls] == ["confirm"]  # asked once, nothing installed
+
+
+def test_the_pytorch_extension_installs_once_and_the_module_offers_the_restart():
+    installer = FakeInstaller({}, has_utils=False, accept=True)
+    result = install.install_dependencies(installer, REQUIREMENTS, {}.get)
+    assert result.needs_restart and result.installed == ["PyTorch extension"]
+    assert [c[0] for c in installer.calls] == ["confirm", "extension"]
+    with pytest.raises(install.InstallError, match="Extensions Manager"):
+        install.install_dependencies(FakeInstaller({}, has_utils=False, installs=False), REQUIREMENTS, {}.get)
+
+
+def test_torch_through_pytorch_utils_and_the_rest_with_pip_keeping_slicers_builds():
+    versions = {"numpy": "1.26.4", "SimpleITK": "2.4.0", "requests": "2.32.0"}
+    installer = FakeInstaller(versions)
+    result = install.install_dependencies(installer, REQUIREMENTS, versions.get, loaded_modules=["numpy"])
+    torch_call = next(c for c in installer.calls if c[0] == "torch")
+    assert torch_call[1] == ">=2.5,!=2.9.*,<=2.14.1"  # the derived requirement, not a copy
+    pip_call = next(c for c in installer.calls if c[0] == "pip")
+    assert "torch==2.6.0" in pip_call[2] and "SimpleITK==2.4.0" in pip_call[2] and "numpy==1.26.4" in pip_call[2]
+    assert not result.needs_restart and result.installed[0] == "torch"
+    assert install.missing_requirements(REQUIREMENTS, versions.get) == []
+    # Everything present: nothing is asked or installed.
+    again = FakeInstaller(versions)
+    install.install_dependencies(again, REQUIREMENTS, versions.get)
+    assert again.calls == []
+
+
+def test_a_package_slicer_already_loaded_that_changed_asks_for_a_restart():
+    versions = {"numpy": "1.26.4", "SimpleITK": "2.4.0", "torch": "2.4.0"}
+    result = install.install_dependencies(FakeInstaller(versions), REQUIREMENTS, versions.get, loaded_modules=["torch"])
+    assert result.needs_restart and "torch" in result.message
+
+
+# -- the job board -------------------------------------------------------------------------------
+
+
+class FakeJob:
+    """A job following the library's protocol, fed by the test."""
+
+    def __init__(self):
+        self.updates: list[JobUpdate] = []
+        self.cancelled = False
+
+    @property
+    def job_id(self):
+        return "fake"
+
+    def poll(self):
+        return self.updates.pop(0) if self.updates else JobUpdate(JobState.RUNNING)
+
+    def cancel(self):
+        self.cancelled = True
+        self.updates.append(JobUpdate(JobState.CANCELLED, message="cancelled"))
+
+    def wait(self, timeout=None):
+        return self.poll()
+
+
+def test_each_job_keeps_its_context_progress_and_log(tmp_path):
+    board = modulejobs.JobBoard()
+    search, predict = FakeJob(), FakeJob()
+    board.add("search", search, modulejobs.JobContext("search", tmp_path / "a", search_root=tmp_path / "a" / "search"))
+    node = object()
+    board.add("predict", predict, modulejobs.JobContext("predict", tmp_path / "b", reference_volume=node))
+    search.updates.append(JobUpdate(JobState.RUNNING, [ProgressEvent("trial_finished", {
+        "trial": "1_rung_0", "epochs": 1, "dice": 0.5, "train_seconds": 3.0, "state": "succeeded"})], "search log\n"))
+    predict.updates.append(JobUpdate(JobState.SUCCEEDED, [ProgressEvent("stage", {"name": "predict", "message": "segment"})],
+                                     "predict log\n"))
+    board.poll()
+    entry = board.get("search")
+    assert entry.progress.best_dice == 0.5 and entry.log == "search log\n" and not entry.done
+    finished = board.get("predict")
+    assert finished.done and finished.log == "predict log\n"  # not in the search's log
+    assert finished.context.reference_volume is node and finished.context.work_dir == tmp_path / "b"
+    with pytest.raises(RuntimeError, match="already running"):
+        board.add("search", FakeJob(), modulejobs.JobContext("search", tmp_path))
+
+
+def test_closing_the_scene_cancels_the_jobs_that_hold_its_nodes(tmp_path):
+    board = modulejobs.JobBoard()
+    search, predict = FakeJob(), FakeJob()
+    board.add("search", search, modulejobs.JobContext("search", tmp_path))
+    board.add("predict", predict, modulejobs.JobContext("predict", tmp_path, reference_volume=object(),
+                                                         output_segmentation=object()))
+    assert board.close_scene() == ["predict"]
+    assert predict.cancelled and not search.cancelled
+    entry = board.get("predict")
+    assert entry.context.reference_volume is None and entry.context.output_segmentation is None
+    board.poll()
+    assert entry.state == JobState.CANCELLED and entry.cancelled_by_scene_close
+    assert "scene" in widget.job_end_text("predict", entry.state, by_scene_close=True)
+    assert board.running("search")
+
+
+def test_a_search_stopped_by_its_wall_time_is_resumable_not_failed(tmp_path):
+    board = modulejobs.JobBoard()
+    job = FakeJob()
+    board.add("search", job, modulejobs.JobContext("search", tmp_path))
+    job.updates.append(JobUpdate(JobState.SUCCEEDED, exit_code=modulejobs.SEARCH_STOPPED_EXIT))
+    board.poll()
+    entry = board.get("search")
+    assert entry.stopped and "Resume" in widget.job_end_text("search", entry.state, stopped=entry.stopped)
+
+
+def test_a_local_search_job_hands_the_child_the_one_record(tmp_path):
+    """The panel's start: a job folder with the request file; the child parses it (here it stops
+    at once because the working folder holds no dataset, with the library's message)."""
+    settings = parameters.search_settings({**PANEL, "profile": "quick", "maxTrials": 1})
+    job, context = modulejobs.start_search(tmp_path, settings, python=sys.executable)
+    board = modulejobs.JobBoard()
+    board.add("search", job, context)
+    entry = board.wait("search", timeout=120, interval=0.1)
+    request = json.loads((Path(job.job_dir) / "search-request.json").read_text())
+    assert type(settings).from_dict(request) == settings
+    assert context.search_root == tmp_path.resolve() / "search"
+    assert entry.state == JobState.FAILED
+    assert "usage:" not in entry.log and "unrecognized arguments" not in entry.log  # the argv parsed
+    assert "dataset" in entry.log.lower()
+
+
+def test_a_second_fresh_start_keeps_the_earlier_search_renamed(tmp_path):
+    root = modulejobs.search_root(tmp_path)
+    root.mkdir()
+    (root / "results.json").write_text("{}")
+    settings = parameters.search_settings({**PANEL, "profile": "quick", "maxTrials": 1})
+    job, _ = modulejobs.start_search(tmp_path, settings, python=sys.executable)
+    job.wait(timeout=120)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("search-")]
+    assert len(kept) == 1 and (kept[0] / "results.json").is_file()
+
+
+def test_child_environment_is_a_copy_with_the_library_first():
+    base = {"PATH": "/bin", "PYTHONPATH": "/x"}
+    env = modulejobs.child_environment(base, {"nnUNet_n_proc_DA": "0", "PATH": None})
+    assert base == {"PATH": "/bin", "PYTHONPATH": "/x"}
+    assert env["PYTHONPATH"].split(":")[0] == str(modulejobs.library_parent()) and env["PYTHONPATH"].endswith("/x")
+    assert env["PYTHONUNBUFFERED"] == "1" and env["nnUNet_n_proc_DA"] == "0" and "PATH" not in env
+
+
+# -- background calls ----------------------------------------------------------------------------
+
+
+def test_a_background_call_never_blocks_the_caller():
+    release = threading.Event()
+    caller = threading.current_thread().name
+
+    def slow():
+        release.wait(10)
+        return threading.current_thread().name
+
+    started = time.monotonic()
+    call = tasks.BackgroundCall("connection", slow)
+    assert time.monotonic() - started < 0.5 and not call.done()
+    release.set()
+    deadline = time.monotonic() + 10
+    while not call.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert call.result() != caller and call.result().startswith("autonnunet-connection")
+
+
+def test_test_connection_against_a_real_server(tmp_path):
+    """A real HTTP server on 127.0.0.1 answering health and whoami as the runner does."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path.endswith("/health"):
+                body = {"status": "ok", "version": "0.1.0"}
+            elif self.headers.get("Authorization") == "Bearer secret":
+                body = {"user": "alice"}
+            else:
+                self.send_response(401)
+                self.end_headers()
+                return
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        call = tasks.BackgroundCall("connection", tasks.test_connection, url, "secret")
+        deadline = time.monotonic() + 30
+        while not call.done() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "alice" in call.result()
+    finally:
+        server.shutdown()
+
+
+# -- what the panel shows ------------------------------------------------------------------------
+
+
+def test_panel_texts():
+    assert widget.model_folder_text(Path()) == "" and widget.model_folder_text(None) == ""
+    assert widget.model_folder_text(Path("/m/model")) == "/m/model" and not widget.is_model_folder_set(".")
+    assert widget.channel_names(" T1, FLAIR ,") == ["T1", "FLAIR"] and widget.channel_names("") == ["Image"]
+    assert widget.case_columns(["T1", "FLAIR"]) == ["Case", "Segmentation", "T1", "FLAIR"]
+    assert widget.DOCUMENTATION_URL in widget.HELP_TEXT and "plain text" in widget.TOKEN_STORAGE_NOTE
+    assert widget.job_end_text("search", "cancelled").endswith("use Resume to continue.")
+    assert widget.job_end_text("predict", "failed", "exit code 2") == "Predict failed: exit code 2"
+    assert widget.summary_from_log("=== start ===\nspacing 1 1 1\n") == "spacing 1 1 1"
