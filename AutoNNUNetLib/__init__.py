@@ -2,20 +2,56 @@
 
 The library behind the AutoNNUNet 3D Slicer extension, its ``autonnunet`` command and its remote
 runner. It never imports slicer, qt, vtk or ctk, so everything here runs headless and is tested
-without Slicer.
+without Slicer. The folders name the pipeline:
 
-Modules, one per concept:
-
-- ``dataset``: labeled cases (files, MSD/nnU-Net folders, arrays) -> validated nnU-Net raw dataset
-- ``fingerprint``: nnU-Net fingerprint, plans and preprocessing, with a readable summary
-- ``config``: the trial configuration record (every searched hyperparameter)
-- ``network``: configuration -> the plans' architecture entry (dynamic_network_architectures)
-- ``trainer``: a configurable nnU-Net trainer with epoch budgets, resume and fast validation
-- ``model``: model folders in nnU-Net's results layout, export/import as zip
-- ``inference``: a predictor that loads a model once and segments many volumes
-- ``space`` / ``search``: NePS search spaces and the (regularized) PriorBand search
-- ``jobs`` / ``server`` / ``client``: the remote runner
+- ``dataset/``: labeled cases (files, MSD/nnU-Net folders, arrays) -> a validated nnU-Net raw dataset
+- ``fingerprint``: nnU-Net's fingerprint, plans and preprocessing, with a readable summary
+- ``config`` / ``network``: the trial configuration record and the network it builds
+- ``trainer``: nnU-Net training with epoch budgets, resume and fast validation
+- ``search/``: the (regularized) PriorBand search on NePS, its budget, results and report
+- ``selection/``: after the search, nnU-Net's own model selection (folds, ensembles, postprocessing)
+- ``model`` / ``inference`` / ``bounded/``: model folders, and prediction in bounded memory
+- ``jobs/`` / ``remote/``: one Job protocol, run locally or on the remote runner
 - ``cli``: the ``autonnunet`` command
+
+The names below are the public surface; they load on first use, so ``import AutoNNUNetLib`` stays
+cheap (the server and the Slicer module import parts of the library without torch).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+#: Public name -> the module that defines it.
+_PUBLIC = {
+    "AutoNNUNetError": "AutoNNUNetLib.errors",
+    "Workspace": "AutoNNUNetLib.workspace",
+    "TrialConfig": "AutoNNUNetLib.config",
+    "build_dataset": "AutoNNUNetLib.dataset",
+    "plan_and_preprocess": "AutoNNUNetLib.fingerprint",
+    "train": "AutoNNUNetLib.trainer",
+    "SearchSettings": "AutoNNUNetLib.search.settings",
+    "run_search": "AutoNNUNetLib.search",
+    "Selection": "AutoNNUNetLib.selection",
+    "Predictor": "AutoNNUNetLib.inference",
+    "LocalJob": "AutoNNUNetLib.jobs.local",
+    "RemoteJob": "AutoNNUNetLib.remote.job",
+    "RemoteClient": "AutoNNUNetLib.remote.client",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'AutoNNUNetLib' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -213,3 +213,12 @@ def test_pareto_front_and_ranks():
     assert pareto.pareto_front(points) == [0, 1, 2]
     assert pareto.pareto_ranks(points) == [0, 0, 0, 1, 1]
     assert pareto.pareto_front([]) == [] and pareto.pareto_ranks([]) == []
+
+
+def test_public_surface_resolves_every_name_lazily():
+    code = ("import sys, AutoNNUNetLib as a\n"
+            "assert 'torch' not in sys.modules and 'SimpleITK' not in sys.modules\n"
+            "missing = [n for n in a.__all__ if getattr(a, n, None) is None]\n"
+            "assert not missing, missing\n")
+    run = subprocess.run([PY, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
