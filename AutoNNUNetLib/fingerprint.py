@@ -346,6 +346,27 @@ def count_class_voxels(raw_dataset: Path, dataset_json: dict) -> dict[str, int]:
     return result
 
 
+def _load_json_file(path: Path, required: Sequence[str]) -> dict:
+    """A JSON object with the ``required`` keys, or a :class:`FingerprintError` naming the file.
+
+    An interrupted run or a hand edit leaves a broken plans or fingerprint file; the message says
+    which file and that running the step again rewrites it.
+    """
+    again = "run `autonnunet fingerprint` again to rewrite it"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise FingerprintError(f"cannot read {path}: {error}") from None
+    except ValueError as error:
+        raise FingerprintError(f"{path} is not valid JSON ({error}); {again}") from None
+    if not isinstance(data, dict):
+        raise FingerprintError(f"{path} does not hold a JSON object; {again}")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise FingerprintError(f"{path} lacks {', '.join(repr(k) for k in missing)}; {again}")
+    return data
+
+
 def summarize(workspace: Workspace, configuration: str = "3d_fullres") -> FingerprintSummary:
     """Build the summary from the files :func:`plan_and_preprocess` wrote (no computation but counts).
 
@@ -357,11 +378,13 @@ def summarize(workspace: Workspace, configuration: str = "3d_fullres") -> Finger
         raise FingerprintError(
             f"{fingerprint_file} is missing: run `autonnunet fingerprint --workdir {workspace.root}` first"
         )
-    fingerprint = json.loads(fingerprint_file.read_text())
-    try:
-        plans = workspace.load_plans()
-    except WorkspaceError as error:
-        raise FingerprintError(str(error)) from error
+    fingerprint = _load_json_file(fingerprint_file, ("spacings", "shapes_after_crop"))
+    if not workspace.plans_file.is_file():
+        try:
+            workspace.load_plans()  # its own message says which step is missing
+        except WorkspaceError as error:
+            raise FingerprintError(str(error)) from error
+    plans = _load_json_file(workspace.plans_file, ("configurations", "transpose_backward"))
     dataset_json = workspace.load_dataset_json()
     planned = list(plans["configurations"])
     configuration = _configurations_to_preprocess([configuration], planned)[0]

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Optional, Union
@@ -21,6 +24,7 @@ import SimpleITK as sitk
 
 from ..files import atomic_write_json
 from ..imaging import GEOMETRY_TOLERANCE
+from ..processes import pid_alive
 from ..workspace import Workspace, dataset_folder_name
 from .classes import ORIGINAL_LABELS_KEY, original_labels_entry
 from .headers import FileCache, array_of, load_image, sitk_reason
@@ -118,11 +122,16 @@ def build_dataset(
 
     emit(progress, 0.0, f"checking {len(source.cases)} cases")
     validated = validate(source, tolerance, progress, 0.5)
+    for warning in validated.warnings:
+        logger.warning("%s", warning)
+        emit(progress, 0.5, f"warning: {warning}")
     dtype = label_dtype(max(validated.classes.values()))
 
     workspace.raw.mkdir(parents=True, exist_ok=True)
-    # Hidden (leading dot) so nnU-Net's and Workspace's "Dataset*" globs never see it.
-    temp = Path(tempfile.mkdtemp(prefix=f".{folder_name}.tmp-", dir=workspace.raw))
+    clean_stale_builds(workspace.raw)
+    # Hidden (leading dot) so nnU-Net's and Workspace's "Dataset*" globs never see it; the owner's
+    # host and pid in the name tell a later build whether it is stale.
+    temp = Path(tempfile.mkdtemp(prefix=f".{folder_name}{_TEMP_MARK}{_owner()}-", dir=workspace.raw))
     try:
         images_dir, labels_dir = temp / "imagesTr", temp / "labelsTr"
         images_dir.mkdir()
@@ -158,12 +167,58 @@ def build_dataset(
     return target
 
 
+_TEMP_MARK = ".tmp-"
+_BACKUP_MARK = ".old-"
+#: A hidden build folder without a readable owner (or of another host) is stale after this long.
+STALE_AFTER_SECONDS = 6 * 3600
+_HIDDEN_BUILD_RE = re.compile(r"^\.(Dataset\d{3}_[A-Za-z0-9_\-]+)(\.tmp-|\.old-)(?:([^-]+)-(\d+)-)?")
+
+
+def _owner() -> str:
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _is_stale(match: re.Match, path: Path) -> bool:
+    host, pid = match.group(3), match.group(4)
+    if host is not None and host == _owner().rsplit("-", 1)[0]:
+        return int(pid) != os.getpid() and not pid_alive(int(pid))
+    try:
+        return time.time() - path.stat().st_mtime > STALE_AFTER_SECONDS
+    except OSError:
+        return False
+
+
+def clean_stale_builds(raw: Path) -> list[Path]:
+    """Remove what killed builds left in ``raw``: hidden temporary folders and set-aside datasets.
+
+    A build killed while writing leaves ``.DatasetNNN_Name.tmp-...``; one killed between its two
+    renames leaves the previous dataset as ``.DatasetNNN_Name.old-...``, which is put back when
+    the dataset itself is missing (else removed). Folders of a build still running (its process
+    alive) are left alone. Returns the paths removed or restored.
+    """
+    handled = []
+    for path in sorted(raw.glob(".Dataset*")):
+        match = _HIDDEN_BUILD_RE.match(path.name)
+        if match is None or not path.is_dir() or not _is_stale(match, path):
+            continue
+        target = raw / match.group(1)
+        if match.group(2) == _BACKUP_MARK and not target.exists():
+            logger.warning("restoring %s from %s, left by an interrupted build", target.name, path.name)
+            os.rename(path, target)
+        else:
+            logger.info("removing %s, left by an interrupted build", path.name)
+            shutil.rmtree(path, ignore_errors=True)
+        handled.append(path)
+    return handled
+
+
 def _move_into_place(temp: Path, target: Path) -> None:
     """Rename ``temp`` to ``target``; an existing target is set aside first and restored on failure."""
     if not target.exists():
         os.rename(temp, target)
         return
-    backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    backup = target.with_name(f".{target.name}{_BACKUP_MARK}{_owner()}-{uuid.uuid4().hex[:8]}")
     os.rename(target, backup)
     try:
         os.rename(temp, target)

@@ -105,6 +105,8 @@ def source_from_msd(folder: PathLike) -> DatasetSource:
         image = inside(folder, entry["image"], f"{where} image")
         label = inside(folder, entry["label"], f"{where} label")
         cases.append(Case(strip_ending(label.name), expand_channels([image]), label))
+    if not cases:
+        raise DatasetError(f"{folder} holds no cases: its dataset.json lists no 'training' entries")
     return DatasetSource(
         cases,
         classes,
@@ -157,6 +159,8 @@ def source_from_nnunet_raw(folder: PathLike) -> DatasetSource:
                       for i in range(n)]
             label = inside(folder, f"labelsTr/{case_id}{ending}", f"case {case_id} label")
             cases.append(Case(case_id, images, label))
+    if not cases:
+        raise DatasetError(f"{folder} holds no cases: no files ending {ending} in its imagesTr/ or labelsTr/")
     match = DATASET_NAME_RE.match(folder.name)
     return DatasetSource(cases, classes, channel_names, name=match.group(2) if match else folder.name, folder=folder)
 
@@ -318,6 +322,11 @@ def detect_source(path: PathLike, root: Optional[PathLike] = None) -> DatasetSou
         return source_from_pairs(read_pairs_csv(path))
     if not path.is_dir():
         raise DatasetError(f"{path} is not a folder (expected an MSD task or nnU-Net raw dataset folder)")
+    expected = "expected an MSD task or nnU-Net raw dataset folder (dataset.json, imagesTr/, labelsTr/)"
+    if not any(p for p in path.iterdir() if not p.name.startswith(".")):
+        raise DatasetError(f"{path} is empty: {expected}")
+    if not (path / "dataset.json").exists() and not (path / "dataset.json").is_symlink():
+        raise DatasetError(f"{path} has no dataset.json: {expected}, or give a CSV of image/label pairs")
     meta = _load_json(inside(path, "dataset.json", "dataset.json"))
     if "channel_names" in meta or "file_ending" in meta:
         return source_from_nnunet_raw(path)

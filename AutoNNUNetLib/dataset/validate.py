@@ -38,7 +38,7 @@ from .headers import (
     size_text,
     spec_header,
 )
-from .records import CASE_ID_RE, Case, ChannelFile, DatasetError, DatasetSource, Problem
+from .records import CASE_ID_RE, Case, case_id_key, ChannelFile, DatasetError, DatasetSource, Problem
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
@@ -46,7 +46,12 @@ ProgressCallback = Callable[[ProgressEvent], None]
 #: there with fewer cases; refusing at intake says so before any time is spent.
 MIN_CASES = 5
 
-EMPTY_LABEL = "label map is empty (only background); every case needs some foreground"
+#: A case whose label map is only background: allowed (stock nnU-Net trains on it; it teaches "no
+#: structure here"), but worth a warning, as it is more often a missing export than a choice.
+EMPTY_LABEL = "label map is empty (only background); kept as a case without foreground"
+
+#: Refused: with no foreground anywhere there is nothing to learn.
+NO_FOREGROUND = "no case has any foreground (every label map is only background)"
 
 
 @dataclass
@@ -59,6 +64,7 @@ class CasePlan:
     dimension: int
     label_values: list[float] = field(default_factory=list)
     value_map: dict[float, int] = field(default_factory=dict)   # own label value -> class value
+    empty: bool = False                 # only background
 
 
 @dataclass
@@ -69,6 +75,7 @@ class Validated:
     classes: dict[str, int]
     channel_names: list[str]
     original_labels: Optional[dict[int, int]] = None   # written value -> value in the files, if renumbered
+    warnings: list[Problem] = field(default_factory=list)   # accepted, but worth telling the user
 
 
 def emit(progress: Optional[ProgressCallback], fraction: float, message: str) -> None:
@@ -165,8 +172,7 @@ def _validate_case(
     if values and classes is not None:
         plan.value_map = _map_values(case, values, classes, problem)
         foreground = {c for c in plan.value_map.values() if c != 0 and c != classes.get("ignore", -1)}
-        if not foreground:
-            problem(EMPTY_LABEL)
+        plan.empty = not foreground
     return (None if problems else plan), problems
 
 
@@ -298,10 +304,15 @@ def validate(
                    f"{MIN_CASES} (one validation case per fold): add labeled cases")
         problems.append(Problem(ids[0] if len(ids) == 1 else None, message))
     seen: set[str] = set()
+    spellings: dict[str, str] = {}
     for case_id in ids:
         if case_id in seen:
             problems.append(Problem(case_id, f"duplicate case id (appears {ids.count(case_id)} times)"))
         seen.add(case_id)
+        first = spellings.setdefault(case_id_key(case_id), case_id)
+        if first != case_id:
+            message = f"case id differs from case {first} only in letter case (their files collide on macOS and Windows)"
+            problems.append(Problem(case_id, message))
         if not CASE_ID_RE.match(case_id):
             message = "invalid case id: use letters, digits, '_', '-', '.' and start with a letter or digit"
             problems.append(Problem(case_id, message))
@@ -352,10 +363,12 @@ def validate(
         classes = {BACKGROUND: 0, **{f"label_{v}": v for v in found}}
         for plan in plans:
             plan.value_map = {v: v for v in plan.label_values}
-            if not any(plan.value_map.values()):
-                problems.append(Problem(plan.case.case_id, EMPTY_LABEL))
+            plan.empty = not any(plan.value_map.values())
+    if plans and not problems and all(plan.empty for plan in plans):
+        problems.append(Problem(None, NO_FOREGROUND))
     if problems:
         raise DatasetError(problems)
+    warnings = [Problem(plan.case.case_id, EMPTY_LABEL) for plan in plans if plan.empty]
     assert classes is not None
     # nnU-Net wants 0, 1, 2, ...: other values are the files' own, renumbered in order and recorded.
     classes, renumber = contiguous_values(classes)
@@ -363,7 +376,7 @@ def validate(
         for plan in plans:
             plan.value_map = {value: renumber[target] for value, target in plan.value_map.items()}
     original = {written: value for value, written in renumber.items()} if renumber else None
-    return Validated(plans, classes, channel_names, original)
+    return Validated(plans, classes, channel_names, original, warnings)
 
 
 def check_source(source: DatasetSource, tolerance: float = GEOMETRY_TOLERANCE) -> dict[str, int]:

@@ -499,8 +499,8 @@ def _bad(kind: str) -> tuple[list[Case], int, str, list[str]]:
         case = volume_case("bad")
         case.channels[0].array[0, :2, 0] = np.inf
         return [*good, case], 1, "bad", ["2 NaN/Inf voxel"]
-    if kind == "empty label":
-        return [*good, volume_case("bad", label=np.zeros(SHAPE, np.uint8))], 1, "bad", ["empty", "foreground"]
+    if kind == "ids differing in case":
+        return [*good, volume_case("GOOD2", 9)], 1, "GOOD2", ["differs from case good2 only in letter case"]
     if kind == "one case":
         return [good[0]], 1, "good1", ["only 1 case", "at least 5"]
     if kind == "duplicate id":
@@ -526,7 +526,7 @@ def _bad(kind: str) -> tuple[list[Case], int, str, list[str]]:
 
 BAD_KINDS = [
     "label shape", "label spacing", "label origin", "label direction", "channel count", "channel grid",
-    "unknown label value", "non-integral label", "NaN image", "Inf image", "empty label", "one case",
+    "unknown label value", "non-integral label", "NaN image", "Inf image", "ids differing in case", "one case",
     "duplicate id", "unknown segment name", "invalid id", "mixed 2D and 3D", "4D array", "sheared direction",
 ]
 

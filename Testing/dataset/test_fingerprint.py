@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -159,3 +160,27 @@ def test_missing_steps_are_reported(tmp_path):
         summarize(workspace)
     with pytest.raises(FingerprintError, match="dataset.json is missing"):
         plan_and_preprocess(workspace)
+
+
+def test_a_broken_plans_or_fingerprint_file_is_named(hippo_workspace, tmp_path, capsys):
+    """Issue 12 item 18: a truncated nnUNetPlans.json gave a JSON traceback without the file's name."""
+    workspace = Workspace(tmp_path / "ws", dataset_name=hippo_workspace.dataset_name)
+    shutil.copytree(hippo_workspace.preprocessed_dataset, workspace.preprocessed_dataset,
+                    ignore=shutil.ignore_patterns("nnUNetPlans_*", "gt_segmentations"))
+    assert summarize(workspace).n_cases == 60  # the copy is complete
+    text = workspace.plans_file.read_text()
+    workspace.plans_file.write_text(text[: len(text) // 2])  # cut short, as by a killed run
+    with pytest.raises(FingerprintError, match=rf"^{re.escape(str(workspace.plans_file))} is not valid JSON"):
+        summarize(workspace)
+    argv = ["fingerprint", "--workdir", str(workspace.root), "--summary-only"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(workspace.plans_file) in err and "fingerprint` again" in err and "\n" not in err
+
+    workspace.plans_file.write_text(json.dumps({"plans_name": "nnUNetPlans"}))
+    with pytest.raises(FingerprintError, match="lacks 'configurations', 'transpose_backward'"):
+        summarize(workspace)
+    workspace.plans_file.write_text(text)
+    (workspace.preprocessed_dataset / "dataset_fingerprint.json").write_text("[]")
+    with pytest.raises(FingerprintError, match="dataset_fingerprint.json does not hold a JSON object"):
+        summarize(workspace)

@@ -7,6 +7,7 @@ one message naming the case and the problem, and leaves the workspace empty.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel
@@ -217,3 +218,101 @@ def test_a_first_case_without_its_second_channel_is_the_one_blamed(tmp_path: Pat
     # Named channels decide the count, as before.
     message = refusal(rows, tmp_path / "ws", channel_names=["T1"])
     assert message.startswith("4 problems in 4 cases") and "case c0" not in message
+
+
+# --------------------------------------------------------------------------------------------
+# Item 18: leftovers of killed builds, ids that collide by case, empty sources, empty labels
+
+
+def test_all_background_cases_are_kept_with_a_warning(tmp_path: Path, caplog) -> None:
+    from AutoNNUNetLib.dataset.validate import EMPTY_LABEL, NO_FOREGROUND
+
+    rows = pairs_folder(tmp_path / "in")
+    write(np.zeros(SHAPE, np.uint8), rows[3][2])
+    events = []
+    with caplog.at_level("WARNING"):
+        folder = build_dataset(source_from_pairs(rows, classes={"background": 0, "thing": 1}), tmp_path / "ws",
+                               name="Empty", progress=events.append)
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / "c3.nii.gz")))
+    assert not written.any()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [f"case c3: {EMPTY_LABEL}"]
+    assert any(e.data["message"] == f"warning: case c3: {EMPTY_LABEL}" for e in events)
+    # Without any foreground at all there is nothing to learn: refused.
+    for _, _, lab in rows:
+        write(np.zeros(SHAPE, np.uint8), lab)
+    assert refusal(rows, tmp_path / "ws2") == NO_FOREGROUND
+
+
+def test_stale_temporary_folders_of_killed_builds_are_cleaned(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from AutoNNUNetLib.dataset import build
+
+    rows = pairs_folder(tmp_path / "in")
+    raw = tmp_path / "ws" / "nnUNet_raw"
+    # A real build killed while writing: a child process stops itself inside the write step.
+    script = (
+        "import os, signal, sys\n"
+        "from AutoNNUNetLib.dataset import build\n"
+        "from AutoNNUNetLib.dataset.sources import source_from_pairs\n"
+        "real = build.write_case\n"
+        "def dying(plan, *a):\n"
+        "    real(plan, *a)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "build.write_case = dying\n"
+        f"rows = [(c, [__import__('pathlib').Path(i[0])], __import__('pathlib').Path(l)) for c, i, l in {[(c, [str(i[0])], str(l)) for c, i, l in rows]!r}]\n"
+        f"build.build_dataset(source_from_pairs(rows), {str(tmp_path / 'ws')!r}, name='Killed')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -9, result.stderr
+    left = [p.name for p in raw.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".Dataset001_Killed.tmp-"), left
+    # A build of this process still writing is never touched; nor is an unrelated hidden file.
+    live = raw / f".Dataset002_Live.tmp-{build._owner()}-abc"
+    live.mkdir()
+    (raw / ".DS_Store").write_bytes(b"finder")
+    # An old-style leftover (no owner in its name) is removed once it is old enough.
+    old = raw / ".Dataset003_Old.tmp-k2j3h4"
+    old.mkdir()
+    os.utime(old, (0, 0))
+
+    folder = build_dataset(source_from_pairs(rows), tmp_path / "ws", name="Killed")
+    assert sorted(p.name for p in raw.iterdir()) == sorted([".DS_Store", live.name, folder.name])
+
+
+def test_a_backup_left_between_the_two_renames_is_restored(tmp_path: Path) -> None:
+    from AutoNNUNetLib.dataset.build import clean_stale_builds
+
+    raw = tmp_path / "nnUNet_raw"
+    backup = raw / ".Dataset004_Keep.old-somehost-999999999-1a2b3c4d"  # a pid that cannot be alive
+    (backup / "labelsTr").mkdir(parents=True)
+    os.utime(backup, (0, 0))
+    assert clean_stale_builds(raw) == [backup]
+    assert (raw / "Dataset004_Keep" / "labelsTr").is_dir() and not backup.exists()
+
+
+def test_ids_that_differ_only_in_case_and_empty_sources(tmp_path: Path) -> None:
+    from intake_cases import msd_folder
+    from AutoNNUNetLib.dataset.records import case_id_from_name
+    from AutoNNUNetLib.dataset.sources import detect_source
+
+    rows = pairs_folder(tmp_path / "in", n=6)
+    rows[5] = ("C1", *rows[5][1:])
+    assert refusal(rows, tmp_path / "ws") == (
+        "case C1: case id differs from case c1 only in letter case (their files collide on macOS and Windows)")
+    assert case_id_from_name("Patient 1", taken=["patient_1"]) == "Patient_1_2"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match=f"^{empty} is empty: expected an MSD task or nnU-Net raw dataset folder"):
+        detect_source(empty)
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError, match=f"^{empty} has no dataset.json"):
+        detect_source(empty)
+    folder = msd_folder(tmp_path / "msd", n=1)
+    meta = json.loads((folder / "dataset.json").read_text())
+    meta["training"] = []
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=f"^{folder} holds no cases"):
+        detect_source(folder)
