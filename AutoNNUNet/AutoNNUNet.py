@@ -168,7 +168,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.useSelectedTrialButton.clicked.connect(self.onUseSelectedTrial)
         self.ui.exportModelButton.clicked.connect(self.onExportModel)
         self.ui.importModelButton.clicked.connect(self.onImportModel)
-        self.ui.modelPathLineEdit.currentPathChanged.connect(lambda _path: self._updateInferenceInputs())
+        self.ui.modelPathLineEdit.currentPathChanged.connect(self._onModelPathEdited)
         # Inference
         self.ui.segmentButton.clicked.connect(self.onSegment)
         self.ui.cancelSegmentButton.clicked.connect(lambda: self.onCancel("predict"))
@@ -230,11 +230,25 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._updateChannelColumns()
+        self._showModelDir()
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         # Another node (a loaded scene) may bring other channel names: the columns follow them.
         if self._channelNames() != self._shownChannels:
             self._updateChannelColumns()
+        self._showModelDir()
+
+    def _showModelDir(self) -> None:
+        """The model folder follows the node by hand: bound directly, an unset Path() shows as "."."""
+        text = view.model_folder_text(self._parameterNode.modelDir) if self._parameterNode else ""
+        if self.ui.modelPathLineEdit.currentPath != text:
+            self.ui.modelPathLineEdit.currentPath = text
+
+    def _onModelPathEdited(self, path) -> None:
+        text = view.model_folder_text(path)
+        if self._parameterNode and view.model_folder_text(self._parameterNode.modelDir) != text:
+            self._parameterNode.modelDir = Path(text) if text else Path()
+        self._updateInferenceInputs()
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -304,7 +318,8 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not slicer.util.confirmOkCancelDisplay(question, "AutoNNUNet dependencies"):
             return
         with slicer.util.tryWithErrorDisplay("Installing dependencies failed.", waitCursor=True):
-            result = install.install_dependencies(install.SlicerInstaller(log=self._setDependencyStatus))
+            # The question above covers the PyTorch extension too: the install asks nothing more.
+            result = install.install_dependencies(install.SlicerInstaller(log=self._setDependencyStatus, confirmed=True))
             self._setDependencyStatus(result.message)
             if result.needs_restart and slicer.util.confirmYesNoDisplay(
                 result.message + "\n\nRestart Slicer now?", "AutoNNUNet dependencies"
@@ -569,17 +584,18 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if kind == "fingerprint":
                 self.ui.fingerprintTextEdit.setPlainText(text + "\n\n" + view.summary_from_log(entry.log))
             if entry.state == "failed":
-                slicer.util.errorDisplay(f"{kind} failed: {entry.message} {view.log_tail(entry.log)}\n\n"
-                                         f"The full log is in {entry.job.job_id if hasattr(entry.job, 'job_id') else ''}.",
-                                         windowTitle="AutoNNUNet")
+                slicer.util.errorDisplay(f"{kind} failed: {entry.message}\n{view.log_tail(entry.log)}\n\n"
+                                         f"The full log is in {entry.log_location}.", windowTitle="AutoNNUNet")
             return
         with slicer.util.tryWithErrorDisplay(f"Could not load the {kind} result.", waitCursor=True):
             if kind == "fingerprint":
                 self.ui.fingerprintTextEdit.setPlainText(view.summary_from_log(entry.log))
             elif kind == "model":
-                if context.model_dir is not None:
+                if context.model_dir is not None:  # an import: use the imported model
                     self._parameterNode.modelDir = context.model_dir
-                slicer.util.infoDisplay(entry.progress.message or "Done.", windowTitle="AutoNNUNet")
+                    slicer.util.infoDisplay(f"Model imported into {context.model_dir}", windowTitle="AutoNNUNet")
+                else:
+                    slicer.util.infoDisplay(f"Model written to {context.output_file}", windowTitle="AutoNNUNet")
             elif kind == "search":
                 self.ui.progressBar.value = 100
                 if context.remote:
@@ -595,6 +611,8 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         self._parameterNode.modelDir = modelDir
             elif kind == "predict":
                 segmentationNode = self.logic.loadPrediction(entry)
+                if self._parameterNode is not None:
+                    self._parameterNode.outputSegmentation = segmentationNode  # the next run refills it
                 self.ui.inferenceStatusLabel.text = f"Segmented into '{segmentationNode.GetName()}'."
 
     # -- Results section -------------------------------------------------------------------------

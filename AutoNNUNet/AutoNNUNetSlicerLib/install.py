@@ -232,8 +232,9 @@ def install_dependencies(installer: Installer, requirements: Optional[Sequence[s
 class SlicerInstaller:
     """:class:`Installer` inside Slicer."""
 
-    def __init__(self, log: Callable[[str], None] = print):
+    def __init__(self, log: Callable[[str], None] = print, confirmed: bool = False):
         self._log = log
+        self._confirmed = confirmed  # the user already agreed to the whole install (the panel asks first)
 
     def pytorch_utils_available(self) -> bool:
         try:
@@ -272,6 +273,8 @@ class SlicerInstaller:
         slicer.util.pip_install(arguments)
 
     def confirm(self, question: str) -> bool:
+        if self._confirmed:
+            return True
         import slicer
 
         return bool(slicer.util.confirmOkCancelDisplay(question, "AutoNNUNet dependencies"))

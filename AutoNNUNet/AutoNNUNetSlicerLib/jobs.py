@@ -77,6 +77,13 @@ class ModuleJob:
         return JobState(self.state).done
 
     @property
+    def log_location(self) -> str:
+        """Where the job's full log is: its local job folder, or the runner's job."""
+        if self.context.remote:
+            return f"the runner's job {getattr(self.job, 'job_id', '')} (autonnunet remote logs)"
+        return str(getattr(self.job, "log_path", "") or self.context.work_dir / "jobs")
+
+    @property
     def stopped(self) -> bool:
         """A search that ended early on its wall time (its folder resumes)."""
         return self.kind == "search" and self.state == JobState.SUCCEEDED and self.exit_code == SEARCH_STOPPED_EXIT
@@ -249,7 +256,8 @@ def start_model_export(work_dir, model_dir, zip_path, *, python: Optional[str] =
     step = Step(name="export-model", builtin="export_model",
                 kwargs={"source": str(Path(model_dir).resolve()), "dest": str(Path(zip_path).resolve())},
                 message=f"export the model to {zip_path}")
-    return _start(job_folder(work_dir, "model"), [step], python, env), JobContext("model", work_dir)
+    return _start(job_folder(work_dir, "model"), [step], python, env), JobContext(
+        "model", work_dir, output_file=Path(zip_path).resolve())
 
 
 def start_model_import(work_dir, zip_path, *, python: Optional[str] = None, env: Optional[dict] = None):
