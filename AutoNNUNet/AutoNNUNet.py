@@ -9,6 +9,7 @@ a job on a remote runner) polled by a QTimer, so the UI never blocks.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -48,6 +49,9 @@ from AutoNNUNetSlicerLib.parameters import DEVICES, RUN_LOCAL, RUN_REMOTE, SEARC
 #: scene, so a saved scene shared with a colleague does not carry the token.
 SETTINGS_REMOTE_URL = "AutoNNUNet/RemoteURL"
 SETTINGS_REMOTE_TOKEN = "AutoNNUNet/RemoteToken"
+#: Remembered across restarts (a new scene starts with them) and the running jobs to find again.
+SETTINGS_REMEMBERED = {"workDir": "AutoNNUNet/WorkDir", "modelDir": "AutoNNUNet/ModelDir"}
+SETTINGS_JOBS = "AutoNNUNet/RunningJobs"
 
 
 #
@@ -187,6 +191,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self._updateInferenceInputs()
         self._updateRemoteWidgets()
+        self._reattachJobs()
         self._updateButtons()
 
     def cleanup(self) -> None:
@@ -218,7 +223,9 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        settings = qt.QSettings()
+        remembered = {name: str(settings.value(key, "")) for name, key in SETTINGS_REMEMBERED.items()}
+        self.setParameterNode(self.logic.getParameterNode(remembered))
 
     def setParameterNode(self, inputParameterNode: Optional[AutoNNUNetParameterNode]) -> None:
         if self._parameterNode:
@@ -237,6 +244,11 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._channelNames() != self._shownChannels:
             self._updateChannelColumns()
         self._showModelDir()
+        settings = qt.QSettings()
+        for name, key in SETTINGS_REMEMBERED.items():
+            value = view.model_folder_text(getattr(self._parameterNode, name)) if self._parameterNode else ""
+            if value and str(settings.value(key, "")) != value:
+                settings.setValue(key, value)
 
     def _showModelDir(self) -> None:
         """The model folder follows the node by hand: bound directly, an unset Path() shows as "."."""
@@ -294,8 +306,45 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startPolling(self) -> None:
         self._updateButtons()
+        self._saveJobs()
         if not self._timer.isActive():
             self._timer.start()
+
+    def _saveJobs(self) -> None:
+        """The running jobs, so that a restarted Slicer finds them again (see _reattachJobs)."""
+        records = [modulejobs.job_record(entry) for entry in self.logic.board.jobs.values()]
+        qt.QSettings().setValue(SETTINGS_JOBS, json.dumps([r for r in records if r]))
+
+    def _reattachJobs(self) -> None:
+        """Pick up the jobs that ran when Slicer last closed: local ones from their folder (their
+        first poll replays the progress), remote ones from the runner (off the UI thread)."""
+        try:
+            records = json.loads(str(qt.QSettings().value(SETTINGS_JOBS, "[]")) or "[]")
+        except ValueError:
+            records = []
+        for record in records:
+            kind = record.get("kind")
+            if not kind or self.logic.board.running(kind):
+                continue
+            if record.get("remote"):
+                token = self.ui.remoteTokenLineEdit.text.strip()
+
+                def attached(result, kind=kind) -> None:
+                    if isinstance(result, Exception):
+                        self._appendLog(f"Could not find the remote {kind} again: {result}")
+                    elif not self.logic.board.running(kind):
+                        self.logic.board.add(kind, *result)
+                        self._appendLog(f"Watching the remote {kind} {result[0].job_id} again.")
+
+                self._runInBackground("reattach", lambda record=record, token=token: modulejobs.reattach_remote(
+                    record, token), attached)
+                continue
+            found = modulejobs.reattach_local(record)
+            if found is not None:
+                self.logic.board.add(kind, *found)
+                self._appendLog(f"Watching the {kind} in {record['job_dir']} again.")
+        if self.logic.board.jobs:
+            self._startPolling()
 
     def _runInBackground(self, name: str, function, onDone) -> None:
         """A short call (network) in a worker thread; ``onDone(result_or_error)`` on the UI thread."""
@@ -568,6 +617,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._onJobFinished(entry)
         if not self.logic.board.any_running() and not self._calls:
             self._timer.stop()
+            self._saveJobs()
         self._updateButtons()
 
     def _onJobFinished(self, entry) -> None:
@@ -728,8 +778,17 @@ class AutoNNUNetLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.board = modulejobs.JobBoard()
 
-    def getParameterNode(self) -> AutoNNUNetParameterNode:
-        return AutoNNUNetParameterNode(super().getParameterNode())
+    def getParameterNode(self, remembered: Optional[dict] = None) -> AutoNNUNetParameterNode:
+        """The scene's parameter node; a new one starts from the ``remembered`` folders (workDir,
+        modelDir: what the user last used, kept in Slicer's settings)."""
+        raw = super().getParameterNode()
+        fresh = not raw.GetParameter("workDir")  # before the wrapper writes its defaults
+        node = AutoNNUNetParameterNode(raw)
+        if fresh:
+            for name, value in (remembered or {}).items():
+                if value:
+                    setattr(node, name, Path(value))
+        return node
 
     @staticmethod
     def missingDependencies(remoteOnly: bool = False) -> list:

@@ -341,3 +341,47 @@ def start_remote_search(work_dir, settings, url: str, token: str):
     job = RemoteJob.start_search(remote_client(url, token), dataset_dir, search_request(settings),
                                  download_dir=download_dir)
     return job, JobContext("search", work_dir, download_dir=download_dir, remote=True)
+
+
+# -- re-attach after Slicer restarts -----------------------------------------------------------------
+
+#: Kinds worth picking up again after a restart (a prediction's input node is gone with the scene).
+REATTACHED_KINDS = ("search", "fingerprint")
+
+
+def job_record(entry: ModuleJob) -> Optional[dict]:
+    """What Slicer's settings keep of a running job, to find it again after a restart."""
+    if entry.done or entry.kind not in REATTACHED_KINDS:
+        return None
+    context = entry.context
+    record = {"kind": entry.kind, "work_dir": str(context.work_dir)}
+    if context.remote:
+        record.update(remote=True, job_id=entry.job.job_id, url=str(entry.job.client.server_url),
+                      download_dir=str(context.download_dir))
+        return record if entry.job.job_id else None  # not submitted yet: nothing to find again
+    record.update(remote=False, job_dir=str(entry.job.job_dir))
+    return record
+
+
+def reattach_local(record: dict):
+    """``(job, context)`` of a local job recorded by :func:`job_record`, or None when its folder
+    is gone. The job's first poll replays its events and log (its progress is complete again)."""
+    from AutoNNUNetLib.jobs.local import LocalJob
+    from AutoNNUNetLib.jobs.spec import JobError
+
+    try:
+        job = LocalJob.open(record["job_dir"])
+    except (JobError, KeyError, OSError):
+        return None
+    work_dir = Path(record["work_dir"])
+    root = search_root(work_dir) if record["kind"] == "search" else None
+    return job, JobContext(record["kind"], work_dir, search_root=root)
+
+
+def reattach_remote(record: dict, token: str):
+    """``(job, context)`` of a recorded remote job. Calls the server: run it off the UI thread."""
+    from AutoNNUNetLib.remote.job import RemoteJob
+
+    download_dir = Path(record["download_dir"])
+    job = RemoteJob.attach(remote_client(record["url"], token), record["job_id"], download_dir=download_dir)
+    return job, JobContext(record["kind"], Path(record["work_dir"]), download_dir=download_dir, remote=True)

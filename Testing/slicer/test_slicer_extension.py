@@ -42,6 +42,7 @@ NON_MRML_METHODS = {
     "GetNumberOfScalarComponents": "vtkImageData",
     "ShowChartInLayout": "vtkSlicerPlotsLogic",
     "GetImageToWorldMatrix": "vtkOrientedImageData",
+    "GetParameter": "vtkMRMLScriptedModuleNode",
 }
 #: Classes whose methods slicer_api lists (one file per class).
 MRML_LISTS = sorted(SLICER_API.glob("vtk*.txt"))

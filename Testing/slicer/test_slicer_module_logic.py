@@ -326,3 +326,27 @@ def test_panel_texts():
     assert widget.job_end_text("search", "cancelled").endswith("use Resume to continue.")
     assert widget.job_end_text("predict", "failed", "exit code 2") == "Predict failed: exit code 2"
     assert widget.summary_from_log("=== start ===\nspacing 1 1 1\n") == "spacing 1 1 1"
+
+
+def test_a_restarted_module_finds_its_local_job_again_from_the_record(tmp_path):
+    """The record kept in Slicer's settings is enough: a new board re-attaches to the job folder
+    and its first poll replays the job's log and events (here a fingerprint summary that ends at
+    once: the folder holds no dataset)."""
+    job, context = modulejobs.start_fingerprint(tmp_path, summary_only=True, python=sys.executable)
+    board = modulejobs.JobBoard()
+    entry = board.add("fingerprint", job, context)
+    record = modulejobs.job_record(entry)
+    assert record == {"kind": "fingerprint", "work_dir": str(tmp_path.resolve()), "remote": False,
+                      "job_dir": str(job.job_dir)}
+    json.dumps(record)  # what QSettings stores
+    job.wait(timeout=120)  # Slicer was closed meanwhile; the job ended on its own
+
+    restarted = modulejobs.JobBoard()
+    found = modulejobs.reattach_local(json.loads(json.dumps(record)))
+    assert found is not None
+    again = restarted.add("fingerprint", *found)
+    restarted.wait("fingerprint", timeout=60, interval=0.1)
+    assert again.state == JobState.FAILED and "dataset" in again.log.lower()
+    assert again.context.work_dir == tmp_path.resolve()
+    assert modulejobs.job_record(again) is None  # ended: nothing left to find again
+    assert modulejobs.reattach_local({**record, "job_dir": str(tmp_path / "gone")}) is None
