@@ -199,9 +199,15 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self._timer is not None:
             self._timer.stop()
-        if self.logic is not None:
-            # Local job trees are in their own process group and would outlive Slicer: stop them.
-            self.logic.board.shutdown()
+        if self.logic is not None and self.logic.board.any_running():
+            # Local job trees are in their own process group and would outlive Slicer: ask.
+            running = ", ".join(kind for kind, entry in self.logic.board.jobs.items() if not entry.done)
+            keep = slicer.util.confirmYesNoDisplay(
+                f"AutoNNUNet is still running: {running}.\n\nKeep it running after Slicer closes? AutoNNUNet "
+                "watches it again on the next start (a segmentation is always stopped). No stops it now.",
+                "AutoNNUNet")
+            self.logic.board.shutdown(keep_running=keep)
+            self._saveJobs()
 
     def enter(self) -> None:
         self.initializeParameterNode()

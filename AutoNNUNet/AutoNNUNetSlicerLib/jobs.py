@@ -158,14 +158,18 @@ class JobBoard:
                 entry.context.release_nodes()
         return cancelled
 
-    def shutdown(self, grace: float = 5.0) -> None:
-        """Slicer is exiting: stop local jobs (their trees would outlive Slicer); remote jobs
-        run on on their runner."""
+    def shutdown(self, keep_running: bool = False, grace: float = 5.0) -> None:
+        """Slicer is exiting. Local jobs are stopped (their trees would outlive Slicer) unless
+        ``keep_running``: then searches and fingerprints go on and a restarted module finds them
+        again (:func:`job_record`); a prediction is always stopped (its scene is gone). Remote
+        jobs run on on their runner."""
         for entry in self.jobs.values():
-            if not entry.done and not entry.context.remote and hasattr(entry.job, "stop"):
-                entry.job.stop(grace=grace)
-            elif hasattr(entry.job, "close"):
+            if entry.done:
+                continue
+            if entry.context.remote:
                 entry.job.close()
+            elif not (keep_running and entry.kind in REATTACHED_KINDS):
+                entry.job.stop(grace=grace)
 
 
 # -- local jobs -------------------------------------------------------------------------------------

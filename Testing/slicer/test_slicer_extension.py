@@ -519,6 +519,18 @@ def test_no_platform_lock_import_outside_the_lock_helper():
                 assert name.split(".")[0] not in ("fcntl", "msvcrt"), f"{path}:{node.lineno} imports {name}"
 
 
+def test_module_starts_no_process_of_its_own():
+    """Local work runs as jobs.LocalJob (no console window on Windows, a graceful stop before the
+    kill, re-attach after a restart): the module and its Lib never start a process themselves."""
+    for path in MODULE_PY_FILES:
+        for node in ast.walk(module_tree(path)):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(n.split(".")[0] in ("subprocess", "multiprocessing") for n in names), path.name
+            if isinstance(node, ast.Call):
+                assert ast.unparse(node.func) not in ("os.system", "os.popen", "os.spawnv", "os.startfile"), path.name
+
+
 # ---------------------------------------------------------------------------------------------
 # dependencies: the pins in one place
 

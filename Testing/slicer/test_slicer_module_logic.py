@@ -350,3 +350,31 @@ def test_a_restarted_module_finds_its_local_job_again_from_the_record(tmp_path):
     assert again.context.work_dir == tmp_path.resolve()
     assert modulejobs.job_record(again) is None  # ended: nothing left to find again
     assert modulejobs.reattach_local({**record, "job_dir": str(tmp_path / "gone")}) is None
+
+
+class StoppableJob(FakeJob):
+    def __init__(self):
+        super().__init__()
+        self.stopped = False
+        self.closed = False
+
+    def stop(self, grace=5.0):
+        self.stopped = True
+        return True
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_quitting_keeps_or_stops_local_jobs_and_always_stops_a_prediction(tmp_path, keep):
+    board = modulejobs.JobBoard()
+    jobs = {kind: StoppableJob() for kind in ("search", "predict", "fingerprint")}
+    for kind, job in jobs.items():
+        board.add(kind, job, modulejobs.JobContext(kind, tmp_path))
+    remote = StoppableJob()
+    board.jobs["remote"] = modulejobs.ModuleJob("search", remote, modulejobs.JobContext("search", tmp_path, remote=True))
+    board.shutdown(keep_running=keep)
+    assert jobs["predict"].stopped
+    assert jobs["search"].stopped is (not keep) and jobs["fingerprint"].stopped is (not keep)
+    assert remote.closed and not remote.stopped  # the runner's job goes on
