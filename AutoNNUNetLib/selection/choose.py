@@ -25,7 +25,7 @@ from .crossval import fold_predictions_current, read_label_map, read_probabiliti
 from .ensemble import average_probabilities, labels_from_probabilities
 from .finalize import FinalizedCandidate, FinalizeResult, load_finalized
 from .instructions import write_inference_files
-from .layout import (SELECTION_RECORD, VALIDATION_DIR, SelectionError, crossval_folder, dataset_results,
+from .layout import (FINALIZE_RECORD, SELECTION_RECORD, VALIDATION_DIR, SelectionError, crossval_folder, dataset_results,
                      ensemble_folder)
 from .postprocessing import PostprocessingPlan, decide_postprocessing
 from .scores import CVScore, score_cases
@@ -122,7 +122,7 @@ def _ensemble_segmentations(members: Sequence[FinalizedCandidate], cases: dict[s
 def select(root: Path, allow_ensembles: bool = True, write: bool = True) -> SelectionResult:
     """Score the candidates and pairwise ensembles of a finalized root; choose; decide postprocessing."""
     finalized = load_finalized(root)
-    record = read_json(Path(root) / "finalize.json") or {}
+    record = read_json(Path(root) / FINALIZE_RECORD) or {}
     workspace = Workspace(Path(record["workspace"]), finalized.dataset)
     folds = finalized.folds
     notes = []
@@ -169,12 +169,8 @@ def select(root: Path, allow_ensembles: bool = True, write: bool = True) -> Sele
     plan = decide_postprocessing(best_predictions, references, list(labels), best.score)
     seconds = {e.candidate.name: float(np.nanmean([e.folds.get(f, {}).get("cv_seconds_per_case", np.nan)
                                                    for f in folds])) for e in complete}
-    result = write_selection(finalized, [m.candidate.name for m in members], plan, scores=scores, labels=labels,
-                             seconds_per_case=seconds, notes=notes, write=write)
-    result.best = best.key
-    if write:
-        atomic_write_json(Path(root) / SELECTION_RECORD, result.to_dict())
-    return result
+    return write_selection(finalized, [m.candidate.name for m in members], plan, scores=scores, labels=labels,
+                           seconds_per_case=seconds, notes=notes, write=write)
 
 
 def write_selection(finalized: FinalizeResult, member_names: Sequence[str], postprocessing: PostprocessingPlan, *,

@@ -66,18 +66,36 @@ def fold_predictions_current(model_dir: Path, fold: int, use_mirroring: bool) ->
     return data
 
 
-def predict_probabilities(nnunet_predictor: Any, image: np.ndarray, properties: dict) -> tuple[np.ndarray, np.ndarray]:
+def predict_probabilities(nnunet_predictor: Any, image: np.ndarray, properties: dict,
+                          probabilities: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Label map and class probabilities of one image on its own grid (nnU-Net's in-memory path).
 
     ``image`` is ``(channels, z, y, x)`` as nnU-Net's SimpleITK reader returns it; ``properties``
     needs ``spacing`` in that array order. The folds loaded into the predictor are averaged (on
-    logits, as ``nnUNetv2_predict`` does), then softmax, resampling and un-cropping follow.
+    logits, as ``nnUNetv2_predict`` does), then softmax, resampling and un-cropping follow. These
+    are the steps of nnU-Net's ``predict_single_npy_array``, except that the export keeps the
+    process's thread count (nnU-Net's default of 8 threads oversubscribes small machines).
+    With ``probabilities=False`` the label map comes from the logits, as without
+    ``--save_probabilities``.
     """
     import copy
 
-    segmentation, probabilities = nnunet_predictor.predict_single_npy_array(
-        image, copy.deepcopy(properties), None, None, True)
-    return np.asarray(segmentation), np.asarray(probabilities, dtype=np.float32)
+    import torch
+    from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+    p = nnunet_predictor
+    adapter = PreprocessAdapterFromNpy([image], [None], [copy.deepcopy(properties)], [None], p.plans_manager,
+                                       p.dataset_json, p.configuration_manager, num_threads_in_multithreaded=1,
+                                       verbose=False)
+    item = next(adapter)
+    logits = p.predict_logits_from_preprocessed_data(item["data"]).cpu()
+    result = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits, p.plans_manager, p.configuration_manager, p.label_manager, item["data_properties"],
+        return_probabilities=probabilities, num_threads_torch=torch.get_num_threads())
+    if probabilities:
+        return np.asarray(result[0]), np.asarray(result[1], dtype=np.float32)
+    return np.asarray(result), None
 
 
 def predict_fold_validation(workspace: Workspace, model_dir: Path, fold: int, *, device: Any = "cpu",

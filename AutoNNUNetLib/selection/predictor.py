@@ -36,15 +36,17 @@ class Selection:
         members: a subset of the ensemble members by name (default: all).
         use_mirroring: test-time mirroring (default: what the cross-validation used).
         postprocess: apply the selected postprocessing (default True).
+        result: a decision in memory instead of ``selection.json`` (e.g. from
+            :func:`~AutoNNUNetLib.selection.choose.write_selection` with ``write=False``).
     """
 
     def __init__(self, root: Union[str, Path], device: Any = "auto", folds: Optional[Sequence[int]] = None,
                  members: Optional[Sequence[str]] = None, use_mirroring: Optional[bool] = None,
-                 postprocess: bool = True) -> None:
+                 postprocess: bool = True, result: Optional[SelectionResult] = None) -> None:
         from ..inference import Predictor
 
         self.root = Path(root)
-        self.result = SelectionResult.load(self.root)
+        self.result = result if result is not None else SelectionResult.load(self.root)
         self.folds = list(folds) if folds is not None else list(self.result.folds)
         chosen = [m for m in self.result.members if members is None or m["name"] in members]
         if not chosen:
@@ -77,10 +79,7 @@ class Selection:
         """The label map (array in the input's order) before postprocessing."""
         image, properties = self._image(channels)
         if not self.is_ensemble:
-            import copy
-
-            return np.asarray(self.predictors[0].nnunet_predictor.predict_single_npy_array(
-                image, copy.deepcopy(properties), None, None, False))
+            return predict_probabilities(self.predictors[0].nnunet_predictor, image, properties, probabilities=False)[0]
         probabilities = average_probabilities(
             predict_probabilities(p.nnunet_predictor, image, properties)[1] for p in self.predictors)
         return labels_from_probabilities(probabilities)
