@@ -23,6 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..imaging import Geometry, Volume
+from ..imaging import _fmt as fmt  # the one way geometry values are shown
 from .records import ChannelFile, ChannelSpec, DatasetError, LabelSpec, PathLike
 
 REAL_SCALAR_PIXEL_IDS = {
@@ -45,10 +46,6 @@ class Header:
     @property
     def is_float(self) -> bool:
         return self.pixel_id in FLOAT_PIXEL_IDS
-
-
-def fmt(values) -> str:
-    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
 def size_text(size) -> str:
@@ -187,33 +184,52 @@ def nonfinite_voxels(path: PathLike, channel: Optional[int] = None) -> int:
     with SimpleITK, which keeps them. ``channel`` counts one channel of a 4D (or vector) file
     only. Raises :class:`DatasetError` (naming the file, not its folder) for an unreadable file.
     """
+    counts = nonfinite_by_channel(path)
+    return sum(counts) if channel is None else counts[channel]
+
+
+def nonfinite_by_channel(path: PathLike) -> list[int]:
+    """:func:`nonfinite_voxels` of every channel of a file (one entry for a 2D/3D scalar file),
+    reading the file once."""
     path = Path(path)
     if is_nifti(path):
         import nibabel
 
         try:
             image = nibabel.load(str(path))
+            shape = image.shape
             if np.dtype(image.get_data_dtype()).kind not in "fc" and not _nifti_scaled(image):
-                return 0
+                return [0] * _nifti_channels(shape)
             array = np.asanyarray(image.dataobj)
         except Exception as error:  # nibabel raises many types for broken files
             raise DatasetError(f"cannot read {path.name}: {error}") from None
-        if channel is not None and array.ndim >= 4:
-            # nibabel order is x, y, z, t[, components]: the channel is the 4th axis (or the 5th).
-            array = array[..., channel] if array.ndim == 4 else array[:, :, :, 0, channel]
+        # nibabel order is x, y, z, t[, components]: channels are the 4th axis (or the 5th).
+        channels = array.reshape(*shape[:3], -1) if array.ndim >= 4 else array[..., None]
+        channel_axis = 3
     else:
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as error:
             raise DatasetError(f"cannot read {path.name}: {sitk_reason(error)}") from None
+        vector = image.GetNumberOfComponentsPerPixel() > 1
         if image.GetPixelID() in REAL_SCALAR_PIXEL_IDS - FLOAT_PIXEL_IDS:
-            return 0
+            return [0] * (image.GetNumberOfComponentsPerPixel() if vector else 1)
         array = sitk.GetArrayViewFromImage(image)
-        if channel is not None:
-            array = array[..., channel] if image.GetNumberOfComponentsPerPixel() > 1 else array[channel]
-    if array.dtype.kind not in "fc":
-        return 0
-    return int(array.size - np.count_nonzero(np.isfinite(array)))
+        if vector:
+            channels, channel_axis = array, array.ndim - 1
+        elif image.GetDimension() == 4:
+            channels, channel_axis = array, 0  # numpy order c, z, y, x
+        else:
+            channels, channel_axis = array[None], 0
+    if channels.dtype.kind not in "fc":
+        return [0] * channels.shape[channel_axis]
+    finite = np.isfinite(channels)
+    other_axes = tuple(axis for axis in range(channels.ndim) if axis != channel_axis)
+    return [int(n) for n in finite.size // channels.shape[channel_axis] - finite.sum(axis=other_axes)]
+
+
+def _nifti_channels(shape) -> int:
+    return int(np.prod(shape[3:])) if len(shape) >= 4 else 1
 
 
 def _nifti_scaled(image) -> bool:

@@ -34,7 +34,7 @@ from .headers import (
     check_nifti_complete,
     describe,
     is_nifti,
-    nonfinite_voxels,
+    nonfinite_by_channel,
     size_text,
     spec_header,
 )
@@ -143,18 +143,19 @@ def _validate_case(
 
     # 2. Voxels, one file at a time: NaN/Inf in images (only float types can hold them).
     cache = FileCache()
+    counted: dict[Path, list[int]] = {}
     try:
         for path in case.files():
             check_nifti_complete(Path(path))
         for i, (spec, header) in enumerate(zip(case.channels, headers)):
             assert header is not None
-            bad = _nonfinite(spec, header, cache)
+            bad = _nonfinite(spec, header, cache, counted)
             if bad:
                 problem(f"channel {i} ({describe(spec)}) has {bad} NaN/Inf voxel(s)")
             if not isinstance(spec, ChannelFile):
                 cache.clear()  # keep a 4D file for its next channel, drop everything else at once
         cache.clear()
-        bad_labels = _nonfinite(case.label, label_header, cache) if _is_nifti_file(case.label) else 0
+        bad_labels = _nonfinite(case.label, label_header, cache, counted) if _is_nifti_file(case.label) else 0
         if bad_labels:
             problem(f"label map has {bad_labels} NaN/Inf voxel(s)")
 
@@ -181,15 +182,18 @@ def _is_nifti_file(spec) -> bool:
     return isinstance(path, Path) and is_nifti(path)
 
 
-def _nonfinite(spec, header: Header, cache: FileCache) -> int:
+def _nonfinite(spec, header: Header, cache: FileCache, counted: dict[Path, list[int]]) -> int:
     """NaN/Inf voxels of one channel or label, counted the way nnU-Net will read them.
 
     NIfTI goes through nibabel (SimpleITK reads NaN/Inf in NIfTI as 0, nnU-Net's NibabelIO does
-    not); everything else through SimpleITK or the array itself. Only float data can hold them.
+    not), once per file (``counted`` keeps the counts of a 4D file for its other channels);
+    everything else through SimpleITK or the array itself. Only float data can hold them.
     """
     if _is_nifti_file(spec):
         path = spec.path if isinstance(spec, ChannelFile) else spec
-        return nonfinite_voxels(path, spec.index if isinstance(spec, ChannelFile) else None)
+        if path not in counted:
+            counted[path] = nonfinite_by_channel(path)
+        return counted[path][spec.index] if isinstance(spec, ChannelFile) else sum(counted[path])
     if not header.is_float:
         return 0
     array = array_of(spec, cache)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from intake_cases import SHAPE, image, label, nothing_written, pairs_folder, write
+from intake_cases import SHAPE, SPACING, image, label, nothing_written, pairs_folder, write
 from AutoNNUNetLib.dataset.build import build_dataset
 from AutoNNUNetLib.dataset.headers import nonfinite_voxels
 from AutoNNUNetLib.dataset.records import DatasetError
@@ -316,3 +316,32 @@ def test_ids_that_differ_only_in_case_and_empty_sources(tmp_path: Path) -> None:
     (folder / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DatasetError, match=f"^{folder} holds no cases"):
         detect_source(folder)
+
+
+def test_nan_in_one_channel_of_a_4d_msd_image_names_that_channel(tmp_path: Path) -> None:
+    from intake_cases import msd_folder
+    from AutoNNUNetLib.dataset.headers import nonfinite_by_channel
+    from AutoNNUNetLib.dataset.sources import detect_source
+
+    folder = msd_folder(tmp_path, n=5)
+    meta = json.loads((folder / "dataset.json").read_text())
+    meta["modality"] = {"0": "FLAIR", "1": "T1w"}
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    for k in range(5):
+        second = image(20 + k)
+        if k == 2:
+            second[1, 1, 1] = np.nan
+            second[2, 2, 2] = np.inf
+        series = sitk.JoinSeries([sitk.GetImageFromArray(image(k)), sitk.GetImageFromArray(second)])
+        series.SetSpacing((*SPACING, 1.0))  # the labels' grid
+        sitk.WriteImage(series, str(folder / "imagesTr" / f"c{k}.nii.gz"))
+    assert nonfinite_by_channel(folder / "imagesTr" / "c2.nii.gz") == [0, 2]
+    spoiled = image(9)
+    spoiled.flat[[3, 7]] = np.nan
+    vector = sitk.Compose(sitk.GetImageFromArray(image(0)), sitk.GetImageFromArray(spoiled))
+    sitk.WriteImage(vector, str(tmp_path / "vector.nrrd"))
+    assert nonfinite_by_channel(tmp_path / "vector.nrrd") == [0, 2]
+    with pytest.raises(DatasetError) as info:
+        build_dataset(detect_source(folder), tmp_path / "ws", name="Brain")
+    assert str(info.value) == "case c2: channel 1 (c2.nii.gz channel 1) has 2 NaN/Inf voxel(s)"
+    assert nothing_written(tmp_path / "ws")
