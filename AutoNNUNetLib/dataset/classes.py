@@ -225,6 +225,9 @@ def check_class_table(classes: Mapping[str, int]) -> list[Problem]:
         problems.append(Problem(None, f"class table {dict(classes)} names one class twice (names ignore case and spaces)"))
     if 0 not in values:
         problems.append(Problem(None, f"class table {dict(classes)} has no background (value 0)"))
+    ignore = [value for name, value in classes.items() if class_key(name) == "ignore"]
+    if ignore and ignore[0] != max(values):
+        problems.append(Problem(None, f"the 'ignore' class must have the highest value (nnU-Net's rule), got {ignore[0]}"))
     negative = sorted(v for v in values if v < 0)
     if negative:
         problems.append(Problem(None, f"class values must not be negative, got {negative}"))
@@ -281,11 +284,12 @@ def read_original_labels(dataset_json: Union[Mapping[str, Any], str, Path]) -> O
 def restore_original_labels(labels: np.ndarray, original: Mapping[int, int]) -> np.ndarray:
     """A predicted label map (written values) in the files' original values, e.g. 1, 2 -> 7, 8."""
     labels = np.asarray(labels)
-    lookup = np.zeros(max(original) + 1, dtype=np.int64)
-    for written, value in original.items():
-        lookup[written] = value
-    if labels.size and (labels.min() < 0 or labels.max() >= len(lookup)):
-        raise DatasetError(f"label map holds values outside 0..{len(lookup) - 1}")
-    top = max(original.values(), default=0)
-    dtype = np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16 if top <= np.iinfo(np.uint16).max else np.int32
-    return lookup.astype(dtype)[labels.astype(np.int64, copy=False)]
+    # Indexed by written value (0..n-1), so a large original value costs nothing.
+    values = [int(original[written]) for written in range(len(original))]
+    if labels.size and (labels.min() < 0 or labels.max() >= len(values)):
+        raise DatasetError(f"label map holds values outside 0..{len(values) - 1}")
+    top, bottom = max(values, default=0), min(values, default=0)
+    for dtype in (np.uint8, np.uint16, np.int32, np.int64):
+        if np.iinfo(dtype).min <= bottom and top <= np.iinfo(dtype).max:
+            break
+    return np.asarray(values, dtype=dtype)[labels.astype(np.int64, copy=False)]

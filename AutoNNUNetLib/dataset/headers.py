@@ -239,19 +239,25 @@ def _nifti_scaled(image) -> bool:
 
 
 def spec_header(spec: Union[ChannelSpec, LabelSpec]) -> Header:
+    """The header of one channel or label, with its geometry checked (a file's as well as an array's)."""
     if isinstance(spec, Volume):
         return volume_header(spec)
     if isinstance(spec, ChannelFile):
         header = read_header(spec.path)
         if not 0 <= spec.index < header.n_channels:
             raise DatasetError(f"{spec.path.name} has {header.n_channels} channel(s), channel {spec.index} requested")
-        return header
-    header = read_header(Path(spec))
-    if header.n_channels > 1:
-        raise DatasetError(
-            f"{Path(spec).name} holds {header.n_channels} channels; give one file per channel or list them as "
-            "ChannelFile entries"
-        )
+    else:
+        header = read_header(Path(spec))
+        if header.n_channels > 1:
+            raise DatasetError(
+                f"{Path(spec).name} holds {header.n_channels} channels; give one file per channel or list them as "
+                "ChannelFile entries"
+            )
+    try:
+        check_geometry_values(header.geometry)
+    except DatasetError as error:
+        name = spec.path.name if isinstance(spec, ChannelFile) else Path(spec).name
+        raise DatasetError(f"{name}: {error}") from None
     return header
 
 

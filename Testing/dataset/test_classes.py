@@ -98,6 +98,10 @@ def test_contiguous_values_and_the_recorded_mapping(tmp_path: Path) -> None:
     assert restored.dtype == np.uint16 and restored.tolist() == [[0, 7], [300, 7]]
     with pytest.raises(DatasetError, match="outside 0..2"):
         cl.restore_original_labels(np.array([3]), original)
+    huge = cl.restore_original_labels(np.array([1, 0]), {0: 0, 1: 2**40})  # no lookup of 2**40 entries
+    assert huge.dtype == np.int64 and huge.tolist() == [2**40, 0]
+    problems = cl.check_class_table({"background": 0, "ignore": 1, "liver": 2})
+    assert [p.message for p in problems] == ["the 'ignore' class must have the highest value (nnU-Net's rule), got 1"]
     path = tmp_path / "dataset.json"
     path.write_text(json.dumps({cl.ORIGINAL_LABELS_KEY: {"0": 0, "2": 8}}))
     with pytest.raises(DatasetError, match="must cover values 0..n-1"):

@@ -345,3 +345,15 @@ def test_nan_in_one_channel_of_a_4d_msd_image_names_that_channel(tmp_path: Path)
         build_dataset(detect_source(folder), tmp_path / "ws", name="Brain")
     assert str(info.value) == "case c2: channel 1 (c2.nii.gz channel 1) has 2 NaN/Inf voxel(s)"
     assert nothing_written(tmp_path / "ws")
+
+
+def test_a_sheared_file_grid_is_refused_like_a_sheared_array(tmp_path: Path) -> None:
+    rows = pairs_folder(tmp_path / "in", ending=".nrrd")
+    for path in (rows[1][1][0], rows[1][2]):
+        sheared = sitk.ReadImage(str(path))
+        sheared.SetDirection((1, 0.5, 0, 0, 1, 0, 0, 0, 1))  # NRRD keeps it; ITK normalises columns only
+        sitk.WriteImage(sheared, str(path))
+    message = refusal(rows, tmp_path / "ws")
+    assert message.startswith("2 problems in 1 case")
+    assert "case c1: channel 0: i1.nrrd: direction (1, 0.447214, 0, 0, 0.894427, 0, 0, 0, 1) is not orthonormal" in message
+    assert "case c1: label: l1.nrrd: direction" in message
