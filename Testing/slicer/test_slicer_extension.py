@@ -329,7 +329,7 @@ def test_module_has_the_scripted_module_classes():
     bases = {name: [ast.unparse(b) for b in node.bases] for name, node in classes.items()}
     assert bases["AutoNNUNet"] == ["ScriptedLoadableModule"]
     assert bases["AutoNNUNetWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
-    assert bases["AutoNNUNetLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert bases["AutoNNUNetLogic"] == ["ScriptedLoadableModuleLogic", "ModuleSession"]  # actions: session.py
     widget_methods = {n.name for n in classes["AutoNNUNetWidget"].body if isinstance(n, ast.FunctionDef)}
     assert {"setup", "cleanup", "enter", "exit", "initializeParameterNode", "setParameterNode"} <= widget_methods
     # Slicer's "Reload and Test" looks up <module>Test in the module's namespace: it is imported there.

@@ -378,3 +378,27 @@ def test_quitting_keeps_or_stops_local_jobs_and_always_stops_a_prediction(tmp_pa
     assert jobs["predict"].stopped
     assert jobs["search"].stopped is (not keep) and jobs["fingerprint"].stopped is (not keep)
     assert remote.closed and not remote.stopped  # the runner's job goes on
+
+
+def test_the_results_table_and_its_chart_points_come_from_results_json(tmp_path):
+    from AutoNNUNetSlicerLib import chart
+    from AutoNNUNetSlicerLib.session import ModuleSession
+
+    root = tmp_path / "search"
+    model = root / "incumbent" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    model.mkdir(parents=True)
+    (model / "plans.json").write_text("{}")
+    (root / "results.json").write_text(json.dumps({
+        "trials": [{"trial_id": "1_rung_0", "epochs": 1, "mean_dice": 0.4, "train_seconds": 60, "state": "success"},
+                   {"trial_id": "2_rung_0", "epochs": 1, "mean_dice": None, "state": "failed"},
+                   {"trial_id": "1_rung_1", "epochs": 3, "mean_dice": 0.6, "train_seconds": 180, "state": "succeeded"}],
+        "incumbent": "1_rung_1", "incumbent_model_dir": str(model)}))
+    session = ModuleSession()
+    rows = session.trialRows(root)
+    assert [(r.trial, r.state) for r in rows] == [("1_rung_0", "succeeded"), ("2_rung_0", "failed"),
+                                                  ("1_rung_1", "succeeded")]
+    assert widget.trial_cells(rows[2])[:6] == ["1_rung_1", "3", "0.6000", "3m 00s", "yes", "yes"]
+    data = chart.chart_data(session.trialPoints(rows))
+    assert data.trial_minutes == [1.0, 3.0] and data.front_trials == ["1_rung_0", "1_rung_1"]
+    assert session.incumbentModelDir(root) == model
+    assert session.trialRows(tmp_path / "nothing") == []
