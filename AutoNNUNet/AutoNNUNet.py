@@ -105,6 +105,7 @@ class AutoNNUNetParameterNode:
     modelDir: Path = Path()
     mirroring: bool = False
     largestComponent: bool = False
+    show3d: bool = True  # surfaces can take minutes on large volumes
     outputSegmentation: slicer.vtkMRMLSegmentationNode
 
 
@@ -763,7 +764,8 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
             self.logic.startPrediction(Path(p.modelDir), volumes, self._workDir(), device=p.device, mirroring=p.mirroring,
-                                       largestComponent=p.largestComponent, outputSegmentation=p.outputSegmentation)
+                                       largestComponent=p.largestComponent, outputSegmentation=p.outputSegmentation,
+                                       show3d=p.show3d)
             self.ui.inferenceStatusLabel.text = "Segmenting in the background..."
             self._startPolling()
 
