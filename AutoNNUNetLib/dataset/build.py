@@ -112,6 +112,9 @@ def build_dataset(
     except Exception as error:  # WorkspaceError: id out of range
         raise DatasetError(str(error)) from None
     target = workspace.raw / folder_name
+    blocking = next((p for p in (workspace.root, workspace.raw) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # found before validation, not after it
+        raise DatasetError(f"workspace {workspace.root}: {blocking} is a file, not a folder")
     if target.exists() and not overwrite:
         raise DatasetError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
     clashes = _existing_with_id(workspace, dataset_id, folder_name)
@@ -127,7 +130,10 @@ def build_dataset(
         emit(progress, 0.5, f"warning: {warning}")
     dtype = label_dtype(max(validated.classes.values()))
 
-    workspace.raw.mkdir(parents=True, exist_ok=True)
+    try:
+        workspace.raw.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DatasetError(f"cannot create {workspace.raw}: {error.strerror or error}") from None
     clean_stale_builds(workspace.raw)
     # Hidden (leading dot) so nnU-Net's and Workspace's "Dataset*" globs never see it; the owner's
     # host and pid in the name tell a later build whether it is stale.

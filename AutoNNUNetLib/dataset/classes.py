@@ -37,6 +37,9 @@ MAX_CLASSES = 1000
 #: distinct values); a real task with more classes names them in a class table.
 MAX_INFERRED_CLASSES = 255
 
+#: The largest label value a class may have in the files (int32, what label maps are stored as).
+MAX_LABEL_VALUE = 2**31 - 1
+
 #: dataset.json entry holding ``{written value: original value}`` when the labels were renumbered.
 ORIGINAL_LABELS_KEY = "autonnunet_original_labels"
 
@@ -231,6 +234,12 @@ def check_class_table(classes: Mapping[str, int]) -> list[Problem]:
     negative = sorted(v for v in values if v < 0)
     if negative:
         problems.append(Problem(None, f"class values must not be negative, got {negative}"))
+    huge = sorted(v for v in values if v > MAX_LABEL_VALUE)
+    if huge:
+        problems.append(Problem(None, f"class values must be at most {MAX_LABEL_VALUE}, got {huge}"))
+    misplaced = [f"{name}={value}" for name, value in classes.items() if is_background(name) and value != 0]
+    if misplaced:
+        problems.append(Problem(None, f"'background' is value 0 in nnU-Net; got {', '.join(misplaced)}"))
     if len(set(values)) > MAX_CLASSES + 1:
         problems.append(Problem(None, f"class table has {len(set(values)) - 1} classes; at most {MAX_CLASSES} are supported"))
     return problems

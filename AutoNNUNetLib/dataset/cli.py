@@ -52,8 +52,10 @@ def _run_dataset_command(args: argparse.Namespace) -> int:
         source = detect_source(args.source)
         if classes is not None:
             source.classes = classes
-    if args.channel_names:
+    if args.channel_names is not None:
         source.channel_names = [n.strip() for n in args.channel_names.split(",") if n.strip()]
+        if not source.channel_names:
+            raise DatasetError(f"--channel-names {args.channel_names!r} names no channel; give e.g. \"T1,T2\"")
     name = args.name or source.name or "AutoNNUNet"
     workspace = Workspace(args.workdir)
     folder = build_dataset(source, workspace, dataset_id=args.dataset_id, name=name, overwrite=args.overwrite)

@@ -357,3 +357,25 @@ def test_a_sheared_file_grid_is_refused_like_a_sheared_array(tmp_path: Path) -> 
     assert message.startswith("2 problems in 1 case")
     assert "case c1: channel 0: i1.nrrd: direction (1, 0.447214, 0, 0, 0.894427, 0, 0, 0, 1) is not orthonormal" in message
     assert "case c1: label: l1.nrrd: direction" in message
+
+
+def test_workspace_and_table_mistakes_are_one_line_before_any_work(tmp_path: Path, capsys) -> None:
+    from intake_cases import msd_folder
+    from AutoNNUNetLib import cli
+
+    folder = msd_folder(tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
+    cases = [
+        (["--workdir", str(tmp_path / "afile")], f"workspace {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a folder"),
+        (["--classes", "background=1,thing=0"], "'background' is value 0 in nnU-Net; got background=1"),
+        (["--classes", f"thing={2**31}"], f"class values must be at most {2**31 - 1}, got [{2**31}]"),
+        (["--channel-names", ","], "--channel-names ',' names no channel"),
+    ]
+    for extra, expected in cases:
+        argv = ["dataset", str(folder), "--workdir", str(tmp_path / "ws"), *extra]
+        if "--workdir" in extra:
+            argv = ["dataset", str(folder), *extra]
+        assert cli.main(argv) == 2, extra
+        err = capsys.readouterr().err
+        assert expected in err.splitlines()[0] or expected in err, (extra, err)
+    assert nothing_written(tmp_path / "ws")
