@@ -105,6 +105,9 @@ class AutoNNUNetParameterNode:
     modelDir: Path = Path()
     mirroring: bool = False
     largestComponent: bool = False
+    # The cases table (node IDs) and the class renames, saved with the scene (widget.cases_record).
+    casesTable: str = "[]"
+    classAliases: str = "{}"
     show3d: bool = True  # surfaces can take minutes on large volumes
     outputSegmentation: slicer.vtkMRMLSegmentationNode
 
@@ -125,6 +128,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._classAliases: dict = {}
         self._updatingClassTable = False
+        self._restoringCases = False
         self._shownChannels: list = []
         self._timer: Optional[qt.QTimer] = None
         self._calls: list = []  # (BackgroundCall, on_done) pairs: short calls off the UI thread
@@ -152,6 +156,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.removeCaseButton.clicked.connect(self.onRemoveCases)
         self.ui.refreshClassesButton.clicked.connect(self.refreshClassTable)
         self.ui.classesTableWidget.itemChanged.connect(self.onClassItemChanged)
+        self.ui.casesTableWidget.itemChanged.connect(lambda _item: self._saveCasesTable())
         self.ui.channelNamesLineEdit.editingFinished.connect(self._updateChannelColumns)
         self.ui.exportDatasetButton.clicked.connect(self.onExportDataset)
         # Fingerprint
@@ -245,6 +250,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._updateChannelColumns()
         self._showModelDir()
+        self._restoreCasesTable()
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         # Another node (a loaded scene) may bring other channel names: the columns follow them.
@@ -398,7 +404,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for row in range(table.rowCount):
             for column in range(2, 2 + len(channels)):
                 if table.cellWidget(row, column) is None:
-                    table.setCellWidget(row, column, self._nodeSelector("vtkMRMLScalarVolumeNode", None))
+                    table.setCellWidget(row, column, self._volumeSelector(None))
         table.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
 
     def _nodeSelector(self, nodeType: str, node) -> "slicer.qMRMLNodeComboBox":
@@ -424,7 +430,35 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setCellWidget(row, 1, segmentationSelector)
         for index in range(len(self._channelNames())):
             node = volumeNodes[index] if index < len(volumeNodes) else None
-            table.setCellWidget(row, 2 + index, self._nodeSelector("vtkMRMLScalarVolumeNode", node))
+            table.setCellWidget(row, 2 + index, self._volumeSelector(node))
+
+    def _volumeSelector(self, node):
+        selector = self._nodeSelector("vtkMRMLScalarVolumeNode", node)
+        selector.currentNodeChanged.connect(lambda _node: self._saveCasesTable())
+        return selector
+
+    def _saveCasesTable(self) -> None:
+        """The cases table and class renames into the parameter node (saved with the scene)."""
+        if self._parameterNode is None or self._restoringCases:
+            return
+        self._parameterNode.casesTable = view.cases_record(self._casesFromTable())
+        self._parameterNode.classAliases = json.dumps(self._classAliases, sort_keys=True)
+
+    def _restoreCasesTable(self) -> None:
+        """Rows from the parameter node of a (re)loaded scene, nodes found again by their IDs."""
+        if self._parameterNode is None or self.ui.casesTableWidget.rowCount:
+            return
+        self._classAliases = view.parse_class_aliases(self._parameterNode.classAliases)
+        self._restoringCases = True
+        try:
+            for row, saved in enumerate(view.parse_cases_record(self._parameterNode.casesTable)):
+                segmentation = slicer.mrmlScene.GetNodeByID(saved["segmentation"]) if saved["segmentation"] else None
+                volumes = [slicer.mrmlScene.GetNodeByID(i) if i else None for i in saved["volumes"]]
+                self._addCaseRow(segmentation, volumes)
+                self.ui.casesTableWidget.item(row, 0).setText(saved["case"])
+        finally:
+            self._restoringCases = False
+        self.refreshClassTable()
 
     def _onCaseSegmentationChanged(self, selector) -> None:
         """A newly picked segmentation brings its reference volume as the first channel."""
@@ -485,6 +519,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     table.setItem(index, column, item)
         finally:
             self._updatingClassTable = False
+        self._saveCasesTable()
 
     def onClassItemChanged(self, item) -> None:
         if self._updatingClassTable or item.column() != 1:
@@ -796,5 +831,7 @@ class AutoNNUNetLogic(ScriptedLoadableModuleLogic, ModuleSession):
 
 
 # The self-test lives in Testing/Python/; Slicer's "Reload and Test" finds it here by name.
-sys.path.insert(0, os.path.join(_MODULE_DIR, "Testing", "Python"))
+_SELF_TEST_DIR = os.path.join(_MODULE_DIR, "Testing", "Python")
+if _SELF_TEST_DIR not in sys.path:
+    sys.path.insert(0, _SELF_TEST_DIR)
 from AutoNNUNetSelfTest import AutoNNUNetTest  # noqa: E402,F401

@@ -34,6 +34,36 @@ def channel_names(text: str) -> list[str]:
     return [n.strip() for n in str(text).split(",") if n.strip()] or ["Image"]
 
 
+def cases_record(cases: Sequence[Any]) -> str:
+    """The cases table as the parameter node keeps it (node IDs: a saved scene keeps them)."""
+    def node_id(node):
+        return node.GetID() if node is not None else None
+
+    return json.dumps([{"case": c.case_id, "segmentation": node_id(c.segmentation_node),
+                        "volumes": [node_id(v) for v in c.volume_nodes]} for c in cases])
+
+
+def parse_cases_record(text: str) -> list[dict]:
+    """Rows of :func:`cases_record`; anything unreadable is no rows (a hand-edited scene file)."""
+    try:
+        rows = json.loads(text or "[]")
+    except ValueError:
+        return []
+    if not isinstance(rows, list):
+        return []
+    return [{"case": str(r.get("case") or f"case{i + 1}"), "segmentation": r.get("segmentation") or None,
+             "volumes": [v or None for v in r.get("volumes") or []]}
+            for i, r in enumerate(rows) if isinstance(r, dict)]
+
+
+def parse_class_aliases(text: str) -> dict[str, str]:
+    try:
+        aliases = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in aliases.items()} if isinstance(aliases, dict) else {}
+
+
 def case_columns(channels: Sequence[str]) -> list[str]:
     return [*CASE_FIXED_COLUMNS, *channels]
 

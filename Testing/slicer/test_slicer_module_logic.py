@@ -402,3 +402,24 @@ def test_the_results_table_and_its_chart_points_come_from_results_json(tmp_path)
     assert data.trial_minutes == [1.0, 3.0] and data.front_trials == ["1_rung_0", "1_rung_1"]
     assert session.incumbentModelDir(root) == model
     assert session.trialRows(tmp_path / "nothing") == []
+
+
+def test_the_cases_table_is_kept_with_the_scene_by_node_ids():
+    from AutoNNUNetSlicerLib.logic import SceneCase
+
+    class Node:
+        def __init__(self, node_id):
+            self.node_id = node_id
+
+        def GetID(self):  # noqa: N802 - Slicer's spelling
+            return self.node_id
+
+    cases = [SceneCase("liver_01", Node("vtkMRMLSegmentationNode4"), [Node("vtkMRMLScalarVolumeNode1"), None]),
+             SceneCase("case2", None, [])]
+    rows = widget.parse_cases_record(widget.cases_record(cases))
+    assert rows == [{"case": "liver_01", "segmentation": "vtkMRMLSegmentationNode4",
+                     "volumes": ["vtkMRMLScalarVolumeNode1", None]},
+                    {"case": "case2", "segmentation": None, "volumes": []}]
+    assert widget.parse_cases_record("not json") == [] and widget.parse_cases_record('{"a": 1}') == []
+    assert widget.parse_class_aliases('{"Tumour": "Tumor"}') == {"Tumour": "Tumor"}
+    assert widget.parse_class_aliases("[1]") == {} and widget.parse_class_aliases("") == {}
