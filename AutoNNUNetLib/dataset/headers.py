@@ -138,7 +138,13 @@ def check_nifti_complete(path: Path) -> None:
     """
     if not is_nifti(path):
         return
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    compressed = path.name.lower().endswith(".gz")
+    if compressed:
+        with open(path, "rb") as handle:
+            if handle.read(2) != b"\x1f\x8b":
+                # SimpleITK reads such a file, nibabel (and so nnU-Net's NibabelIO) does not.
+                raise DatasetError(f"{path.name} is named .nii.gz but is not gzip-compressed; rename it to .nii")
+    opener = gzip.open if compressed else open
     length, head = 0, b""
     try:
         with opener(path, "rb") as handle:

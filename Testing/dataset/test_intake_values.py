@@ -379,3 +379,11 @@ def test_workspace_and_table_mistakes_are_one_line_before_any_work(tmp_path: Pat
         err = capsys.readouterr().err
         assert expected in err.splitlines()[0] or expected in err, (extra, err)
     assert nothing_written(tmp_path / "ws")
+
+
+def test_an_uncompressed_nifti_named_nii_gz_is_named_as_such(tmp_path: Path) -> None:
+    rows = pairs_folder(tmp_path / "in")
+    plain = write(image(4), tmp_path / "in" / "plain.nii")
+    rows[4][1][0].write_bytes(plain.read_bytes())  # what a renaming script leaves behind
+    assert refusal(rows, tmp_path / "ws") == (
+        "case c4: i4.nii.gz is named .nii.gz but is not gzip-compressed; rename it to .nii")
