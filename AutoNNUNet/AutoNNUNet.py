@@ -49,6 +49,7 @@ from AutoNNUNetSlicerLib.parameters import DEVICES, RUN_LOCAL, RUN_REMOTE, SEARC
 #: scene, so a saved scene shared with a colleague does not carry the token.
 SETTINGS_REMOTE_URL = "AutoNNUNet/RemoteURL"
 SETTINGS_REMOTE_TOKEN = "AutoNNUNet/RemoteToken"
+SETTINGS_REMOTE_HISTORY = "AutoNNUNet/RemoteURLHistory"  # JSON list, newest first
 #: Remembered across restarts (a new scene starts with them) and the running jobs to find again.
 SETTINGS_REMEMBERED = {"workDir": "AutoNNUNet/WorkDir", "modelDir": "AutoNNUNet/ModelDir"}
 SETTINGS_JOBS = "AutoNNUNet/RunningJobs"
@@ -186,6 +187,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings = qt.QSettings()
         self.ui.remoteUrlLineEdit.text = str(settings.value(SETTINGS_REMOTE_URL, ""))
         self.ui.remoteTokenLineEdit.text = str(settings.value(SETTINGS_REMOTE_TOKEN, ""))
+        self._updateUrlCompleter()
         self.ui.remoteTokenLineEdit.toolTip = view.TOKEN_STORAGE_NOTE
         self.ui.remoteTokenLineEdit.placeholderText = "token (kept in Slicer.ini as plain text)"
 
@@ -307,8 +309,17 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _saveRemoteSettings(self) -> None:
         settings = qt.QSettings()
-        settings.setValue(SETTINGS_REMOTE_URL, self.ui.remoteUrlLineEdit.text.strip())
+        url = self.ui.remoteUrlLineEdit.text.strip()
+        settings.setValue(SETTINGS_REMOTE_URL, url)
         settings.setValue(SETTINGS_REMOTE_TOKEN, self.ui.remoteTokenLineEdit.text.strip())
+        history = view.url_history(str(settings.value(SETTINGS_REMOTE_HISTORY, "[]")), url)
+        settings.setValue(SETTINGS_REMOTE_HISTORY, json.dumps(history))
+        self._updateUrlCompleter()
+
+    def _updateUrlCompleter(self) -> None:
+        """The runner URLs used before, offered while typing."""
+        history = view.url_history(str(qt.QSettings().value(SETTINGS_REMOTE_HISTORY, "[]")))
+        self.ui.remoteUrlLineEdit.setCompleter(qt.QCompleter(history))
 
     def _ensureDependencies(self, remoteOnly: bool = False) -> bool:
         """Check (and offer to install) what the work needs before the first real work."""

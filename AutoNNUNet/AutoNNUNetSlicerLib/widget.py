@@ -56,6 +56,18 @@ def parse_cases_record(text: str) -> list[dict]:
             for i, r in enumerate(rows) if isinstance(r, dict)]
 
 
+def url_history(saved: str, new_url: str = "", limit: int = 10) -> list[str]:
+    """The runner URLs used before, newest first, each once (``saved`` as kept in the settings)."""
+    try:
+        urls = json.loads(saved or "[]")
+    except ValueError:
+        urls = []
+    urls = [str(u) for u in urls if isinstance(u, str) and u.strip()] if isinstance(urls, list) else []
+    if new_url.strip():
+        urls = [new_url.strip(), *[u for u in urls if u != new_url.strip()]]
+    return urls[:limit]
+
+
 def parse_class_aliases(text: str) -> dict[str, str]:
     try:
         aliases = json.loads(text or "{}")

@@ -423,3 +423,11 @@ def test_the_cases_table_is_kept_with_the_scene_by_node_ids():
     assert widget.parse_cases_record("not json") == [] and widget.parse_cases_record('{"a": 1}') == []
     assert widget.parse_class_aliases('{"Tumour": "Tumor"}') == {"Tumour": "Tumor"}
     assert widget.parse_class_aliases("[1]") == {} and widget.parse_class_aliases("") == {}
+
+
+def test_runner_url_history_is_newest_first_and_bounded():
+    history = widget.url_history("[]", "https://gpu1:8000")
+    history = widget.url_history(json.dumps(history), "https://gpu2:8000")
+    assert widget.url_history(json.dumps(history), " https://gpu1:8000 ") == ["https://gpu1:8000", "https://gpu2:8000"]
+    many = json.dumps([f"https://h{i}" for i in range(20)])
+    assert len(widget.url_history(many, "https://new")) == 10 and widget.url_history("garbage") == []
