@@ -154,6 +154,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Data
         self.ui.addAllLabeledButton.clicked.connect(self.onAddAllLabeled)
         self.ui.addCaseButton.clicked.connect(lambda: self._addCaseRow(None, []))
+        self.ui.sampleDataButton.clicked.connect(self.onSampleData)
         self.ui.removeCaseButton.clicked.connect(self.onRemoveCases)
         self.ui.refreshClassesButton.clicked.connect(self.refreshClassTable)
         self.ui.classesTableWidget.itemChanged.connect(self.onClassItemChanged)
@@ -502,6 +503,19 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             added += 1
         self.ui.dataStatusLabel.text = f"Added {added} case(s)." if added else "No new segmentations with segments in the scene."
         self.refreshClassTable()
+
+    def onSampleData(self) -> None:
+        """Generated cases in the scene, ready to export (then fingerprint and a quick search)."""
+        with slicer.util.tryWithErrorDisplay("Could not generate the sample data.", waitCursor=True):
+            cases, channels = scenelogic.add_sample_cases()
+            self._parameterNode.channelNames = ", ".join(channels)
+            self._updateChannelColumns()
+            for case in cases:
+                self._addCaseRow(case.segmentation_node, case.volume_nodes)
+            self._parameterNode.profile = "quick"
+            self.ui.dataStatusLabel.text = (f"Added {len(cases)} generated cases ({', '.join(channels)}); "
+                                            "export them, fingerprint, then Start a quick search.")
+            self.refreshClassTable()
 
     def onRemoveCases(self) -> None:
         table = self.ui.casesTableWidget

@@ -182,6 +182,32 @@ def case_reader(case: SceneCase, n_channels: int):
     return CaseReader(case.case_id, segment_names(case.segmentation_node), read)
 
 
+def add_sample_cases(count: int = 6, seed: int = 0) -> tuple[list[SceneCase], list[str]]:
+    """Generated labeled cases (the ``autonnunet demo`` data: T1 and T2 channels, classes "rim"
+    and "core", oblique anisotropic grids) as volume and segmentation nodes in the scene."""
+    import slicer
+
+    from AutoNNUNetLib.demo import DEMO_CHANNELS, DEMO_CLASSES, generate_case
+    from AutoNNUNetLib.imaging import ijk_to_ras_from_geometry
+
+    cases = []
+    for index in range(count):
+        channels, label = generate_case(seed + index)
+        matrix = ijk_to_ras_from_geometry(label.geometry)
+        volumes = [slicer.util.addVolumeFromArray(channel.array, ijkToRAS=matrix, name=f"sample{index} {name}")
+                   for channel, name in zip(channels, DEMO_CHANNELS)]
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"sample{index} seg")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volumes[0])
+        for name, value in DEMO_CLASSES.items():
+            if value:
+                segment_id = segmentation.GetSegmentation().AddEmptySegment("", name)
+                slicer.util.updateSegmentBinaryLabelmapFromArray(
+                    (label.array == value).astype("uint8"), segmentation, segment_id, volumes[0])
+        cases.append(SceneCase(f"sample{index}", segmentation, volumes))
+    return cases, list(DEMO_CHANNELS)
+
+
 # -- models and predictions ------------------------------------------------------------------------
 
 

@@ -177,3 +177,28 @@ def test_model_folder_reading_needs_no_torch(tmp_path):
     (tmp_path / "dataset.json").write_text('{"labels": {"background": 0, "whole": [1, 2]}}')
     with pytest.raises(ValueError, match="region-based"):
         logic.model_classes(tmp_path)
+
+
+def test_sample_data_becomes_labeled_cases_on_the_generated_grids(scene):
+    from AutoNNUNetLib.demo import generate_case
+    from AutoNNUNetLib.imaging import ijk_to_ras_from_geometry
+
+    added = []
+
+    def add_volume(array, ijkToRAS=None, name=None):  # noqa: N803 - slicer.util's keyword
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        node.array, node.ijk_to_ras = array, ijkToRAS
+        added.append(node)
+        return node
+
+    sys.modules["slicer"].util.addVolumeFromArray = add_volume
+    cases, channels = logic.add_sample_cases(count=2)
+    assert channels == ["T1", "T2"] and [c.case_id for c in cases] == ["sample0", "sample1"]
+    channel_volumes, label = generate_case(1)
+    second = cases[1]
+    assert [v.name for v in second.volume_nodes] == ["sample1 T1", "sample1 T2"]
+    assert np.array_equal(second.volume_nodes[1].array, channel_volumes[1].array)
+    np.testing.assert_allclose(second.volume_nodes[0].ijk_to_ras, ijk_to_ras_from_geometry(label.geometry))
+    assert logic.segment_names(second.segmentation_node) == ["rim", "core"]
+    assert [n.name for n, _ in logic.labeled_segmentations()] == ["sample0 seg", "sample1 seg"]
+    assert scene.masks["core"].sum() == (label.array == 2).sum()  # the last case's masks
