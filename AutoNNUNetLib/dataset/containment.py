@@ -40,9 +40,17 @@ def inside(folder: PathLike, entry: Any, what: str) -> Path:
         raise DatasetError(f"{what}: {OUTSIDE}")
     candidate = Path(folder) / text
     # Absolute entries replace the folder in the join; resolving also follows links and "..".
-    if Path(text).is_absolute() or not is_within(candidate, folder):
+    if Path(text).is_absolute() or not within(candidate, folder):
         raise DatasetError(f"{what}: {OUTSIDE}")
     return candidate
+
+
+def within(path: PathLike, folder: PathLike) -> bool:
+    """:func:`files.is_within`, False for a path that cannot be resolved at all."""
+    try:
+        return is_within(path, folder)
+    except (OSError, RuntimeError, ValueError):  # a name too long, a link loop: not a usable path
+        return False
 
 
 def outside_files(source: "DatasetSource", root: PathLike) -> list[Problem]:
@@ -50,7 +58,7 @@ def outside_files(source: "DatasetSource", root: PathLike) -> list[Problem]:
     problems = []
     for case in source.cases:
         for path in case.files():
-            if not is_within(path, root):
+            if not within(path, root):
                 problems.append(Problem(case.case_id, f"a file of this case {OUTSIDE}"))
                 break
     return problems

@@ -71,7 +71,13 @@ def sitk_reason(error: Exception) -> str:
 
 def read_header(path: Path) -> Header:
     """Header-only read (``ReadImageInformation``): cheap geometry checks on big files."""
-    if not path.is_file():
+    try:
+        kind = "folder" if path.is_dir() else "file" if path.is_file() else None
+    except OSError as error:  # e.g. a name too long for the file system
+        raise DatasetError(f"cannot read {path.name[:80]}: {error.strerror or error}") from None
+    if kind == "folder":
+        raise DatasetError(f"{path} is a folder, not an image file")
+    if kind is None:
         raise DatasetError(f"file not found: {path}")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))

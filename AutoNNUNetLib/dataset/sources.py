@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-from ..files import is_within
 from ..workspace import DATASET_NAME_RE
-from .containment import OUTSIDE, check_inside, inside
+from .containment import OUTSIDE, check_inside, inside, within
 from .headers import read_header
 from .records import FILE_ENDING, KNOWN_ENDINGS, Case, ChannelFile, ChannelSpec, DatasetError, DatasetSource, PathLike
 
@@ -43,6 +42,8 @@ def _load_json(path: Path) -> dict:
 
 def _indexed_names(mapping: Mapping[str, Any], what: str, path: Path) -> list[str]:
     """``{"0": "T1", "1": "T2"}`` -> ``["T1", "T2"]`` (keys must be 0..n-1)."""
+    if not isinstance(mapping, Mapping):
+        raise DatasetError(f"{path}: {what} must map channel numbers to names, got {mapping!r}")
     try:
         items = sorted((int(k), str(v)) for k, v in mapping.items())
     except (TypeError, ValueError):
@@ -136,6 +137,8 @@ def source_from_nnunet_raw(folder: PathLike) -> DatasetSource:
     except (TypeError, ValueError):
         raise DatasetError(f"{folder / 'dataset.json'}: 'labels' must map names to integers, got {labels}") from None
     ending = str(meta.get("file_ending", FILE_ENDING))
+    if not re.fullmatch(r"\.[A-Za-z0-9][A-Za-z0-9.]*", ending):
+        raise DatasetError(f"{folder / 'dataset.json'}: file_ending must look like '.nii.gz', got {ending!r}")
     n = len(channel_names)
 
     cases: list[Case] = []
@@ -313,7 +316,7 @@ def detect_source(path: PathLike, root: Optional[PathLike] = None) -> DatasetSou
     """
     path = Path(path)
     if root is not None:
-        if not is_within(path, root):
+        if not within(path, root):
             raise DatasetError(f"the source {OUTSIDE}")
         source = detect_source(path)
         check_inside(source, root)

@@ -157,3 +157,35 @@ def test_upload_check_covers_csv_pairs_and_changes_after_reading(secret, tmp_pat
     with pytest.raises(DatasetError, match="case c4"):
         containment.check_inside(source, folder)
     assert not (tmp_path / "ws" / "nnUNet_raw" / "Dataset001_Upload").exists()
+
+
+@pytest.mark.parametrize("entry, phrase", [
+    ("x" * 5000, "File name too long"),                # inside, but no file system can hold it
+    ("a\x00b", containment.OUTSIDE),
+    (123, "expected a relative file path"),
+    ("", "expected a relative file path"),
+    ("imagesTr", "is a folder, not an image file"),
+])
+def test_odd_entries_are_one_line_errors(entry, phrase, tmp_path) -> None:
+    folder = msd_folder(tmp_path / "up")
+    meta = json.loads((folder / "dataset.json").read_text())
+    meta["training"][0]["image"] = entry
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError) as info:
+        build_dataset(detect_source(folder, root=folder), tmp_path / "ws", name="Upload")
+    assert phrase in str(info.value) and "\n" not in str(info.value)
+
+
+def test_odd_dataset_json_fields_are_one_line_errors(tmp_path) -> None:
+    raw = nnunet_folder(tmp_path)
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["file_ending"] = "/../../x"  # would turn the listing's glob into a walk outside
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=r"file_ending must look like '\.nii\.gz', got '/\.\./\.\./x'"):
+        detect_source(raw, root=raw)
+    folder = msd_folder(tmp_path / "msd")
+    meta = json.loads((folder / "dataset.json").read_text())
+    meta["modality"] = "MRI"
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="modality must map channel numbers to names, got 'MRI'"):
+        detect_source(folder)
