@@ -709,17 +709,23 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.fingerprintTextEdit.setPlainText(view.summary_from_log(entry.log))
             elif kind == "model":
                 if context.model_dir is not None:  # an import: use the imported model
-                    self._parameterNode.modelDir = context.model_dir
-                    slicer.util.infoDisplay(f"Model imported into {context.model_dir}", windowTitle="AutoNNUNet")
+                    modelDir = modulejobs.imported_model_dir(context.model_dir)
+                    self._parameterNode.modelDir = modelDir or context.model_dir
+                    self.ui.statusLabel.text = f"Model imported into {modelDir or context.model_dir}"
                 else:
                     slicer.util.infoDisplay(f"Model written to {context.output_file}", windowTitle="AutoNNUNet")
             elif kind == "search":
                 self.ui.progressBar.value = 100
                 if context.remote:
-                    modelDir = self.logic.collectRemoteResult(entry)
-                    self._showTrials(self.logic.trialRows(context.download_dir))
-                    if modelDir is not None:
-                        self._parameterNode.modelDir = modelDir
+                    self._showTrials(self.logic.trialRows(context.download_dir))  # the runner's results.json
+                    modelZip = getattr(entry.job, "output", None)
+                    if modelZip is not None and self.logic.missingDependencies():
+                        # Remote only: segmenting here needs the dependencies; the model waits.
+                        self.ui.statusLabel.text = (f"Search finished; model downloaded to {modelZip}. Install the "
+                                                    "dependencies (Setup) to segment with it here.")
+                    elif modelZip is not None:
+                        self.logic.startModelImport(context.work_dir, Path(modelZip), dest=context.download_dir / "model")
+                        self._startPolling()
                 else:
                     # The job's own working folder, even if the panel now shows another one.
                     self._showTrials(self.logic.trialRows(context.search_root))

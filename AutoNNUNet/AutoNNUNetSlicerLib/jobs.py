@@ -264,12 +264,14 @@ def start_model_export(work_dir, model_dir, zip_path, *, python: Optional[str] =
         "model", work_dir, output_file=Path(zip_path).resolve())
 
 
-def start_model_import(work_dir, zip_path, *, python: Optional[str] = None, env: Optional[dict] = None):
-    """Unpack and check a model zip into ``<working folder>/models/<zip name>`` in a child."""
+def start_model_import(work_dir, zip_path, *, dest=None, python: Optional[str] = None, env: Optional[dict] = None):
+    """Unpack and check a model zip into ``dest`` (default ``<working folder>/models/<zip name>``)
+    in a child: checking loads every checkpoint with torch, which Slicer's process never imports.
+    The model folder lands below ``dest`` (see :func:`imported_model_dir`)."""
     from AutoNNUNetLib.jobs.spec import Step
 
     work_dir = Path(work_dir).resolve()
-    dest = work_dir / "models" / Path(zip_path).stem
+    dest = Path(dest).resolve() if dest is not None else work_dir / "models" / Path(zip_path).stem
     # --overwrite: importing the same zip again replaces the earlier import.
     step = Step(name="import-model", argv=["import-model", str(Path(zip_path).resolve()), str(dest), "--overwrite"],
                 message=f"import the model {Path(zip_path).name}")
@@ -319,6 +321,17 @@ def start_prediction(work_dir, model_dir, inputs: Sequence[Any], *, device: str 
                          reference_volume=reference_volume, output_segmentation=output_segmentation,
                          classes=dict(classes or {}), show_3d=show_3d)
     return _start(job_dir, [step], python, env), context
+
+
+def imported_model_dir(dest) -> Optional[Path]:
+    """The model folder an import put below ``dest`` (``DatasetNNN_Name/<trainer>__<plans>__<config>``)."""
+    from AutoNNUNetLib.jobs.builtins import find_model_dir
+    from AutoNNUNetLib.jobs.spec import JobError
+
+    try:
+        return find_model_dir(dest)
+    except JobError:
+        return None
 
 
 # -- remote jobs ------------------------------------------------------------------------------------

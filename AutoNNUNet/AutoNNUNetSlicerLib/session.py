@@ -64,8 +64,10 @@ class ModuleSession:
         job, context = modulejobs.start_model_export(workDir, modelDir, zipPath)
         return self.board.add("model", job, context)
 
-    def startModelImport(self, workDir: Path, zipPath: Path):
-        job, context = modulejobs.start_model_import(workDir, zipPath)
+    def startModelImport(self, workDir: Path, zipPath: Path, dest: Optional[Path] = None):
+        """Unpack and check a model zip in a child (a remote search's model too: Slicer itself
+        never loads torch for it)."""
+        job, context = modulejobs.start_model_import(workDir, zipPath, dest=dest)
         return self.board.add("model", job, context)
 
     def startPrediction(self, modelDir: Path, volumeNodes: list, workDir: Path, device: str = "auto",
@@ -92,16 +94,6 @@ class ModuleSession:
             raise ValueError("the input volume of this prediction is no longer in the scene")
         return scenelogic.load_label_file(context.output_file, context.reference_volume, context.classes,
                                           context.output_segmentation, show_3d=context.show_3d)
-
-    @staticmethod
-    def collectRemoteResult(entry) -> Optional[Path]:
-        """The model folder of a finished remote search: its downloaded zip, unpacked and checked."""
-        output = getattr(entry.job, "output", None)
-        if output is None:
-            return None
-        from AutoNNUNetLib.model import import_model
-
-        return Path(import_model(Path(output), entry.context.download_dir / "model"))
 
     # -- results ---------------------------------------------------------------------------------
 

@@ -431,3 +431,16 @@ def test_runner_url_history_is_newest_first_and_bounded():
     assert widget.url_history(json.dumps(history), " https://gpu1:8000 ") == ["https://gpu1:8000", "https://gpu2:8000"]
     many = json.dumps([f"https://h{i}" for i in range(20)])
     assert len(widget.url_history(many, "https://new")) == 10 and widget.url_history("garbage") == []
+
+
+def test_an_imported_model_is_found_below_its_destination(tmp_path):
+    model = tmp_path / "model" / "Dataset004_Hippocampus" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    model.mkdir(parents=True)
+    (model / "plans.json").write_text("{}")
+    assert modulejobs.imported_model_dir(tmp_path / "model") == model
+    assert modulejobs.imported_model_dir(tmp_path / "empty") is None
+    job, context = modulejobs.start_model_import(tmp_path, tmp_path / "missing.zip", dest=tmp_path / "into",
+                                                 python=sys.executable)
+    assert context.model_dir == (tmp_path / "into").resolve() and context.kind == "model"
+    ended = job.wait(timeout=120)  # the child refuses a missing archive with the library's message
+    assert ended.state == JobState.FAILED and "missing.zip" in ended.log
