@@ -115,6 +115,8 @@ def build_dataset(
     blocking = next((p for p in (workspace.root, workspace.raw) if p.exists() and not p.is_dir()), None)
     if blocking is not None:  # found before validation, not after it
         raise DatasetError(f"workspace {workspace.root}: {blocking} is a file, not a folder")
+    if workspace.raw.is_dir():
+        clean_stale_builds(workspace.raw)  # first: it may put back a dataset a killed build set aside
     if target.exists() and not overwrite:
         raise DatasetError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
     clashes = _existing_with_id(workspace, dataset_id, folder_name)
@@ -134,7 +136,6 @@ def build_dataset(
         workspace.raw.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DatasetError(f"cannot create {workspace.raw}: {error.strerror or error}") from None
-    clean_stale_builds(workspace.raw)
     # Hidden (leading dot) so nnU-Net's and Workspace's "Dataset*" globs never see it; the owner's
     # host and pid in the name tell a later build whether it is stale.
     temp = Path(tempfile.mkdtemp(prefix=f".{folder_name}{_TEMP_MARK}{_owner()}-", dir=workspace.raw))
