@@ -158,6 +158,10 @@ def create_app(settings: ServerSettings):  # -> fastapi.FastAPI (imported lazily
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 400 and "parsing the body" in str(error.detail):
+            # A body that is not UTF-8 JSON at all: the same answer as malformed JSON.
+            return JSONResponse({"detail": "malformed JSON in the request body (not UTF-8 JSON text)"},
+                                status_code=422)
         return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code,
                             headers=getattr(error, "headers", None))
 

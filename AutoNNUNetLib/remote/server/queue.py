@@ -404,7 +404,7 @@ def failure_text(message: str, log_path: Path) -> str:
     return text
 
 
-_ERROR_LINE = re.compile(r"(: error: |^\w*(Error|Exception)\b.*:|^error: )", re.IGNORECASE)
+_ERROR_LINE = re.compile(r"(: error: |^[\w.]*(Error|Exception)\b[^:]*:|^error: )", re.IGNORECASE)
 
 
 def last_error_line(log_path: Path, tail: int = 64 << 10) -> str:
