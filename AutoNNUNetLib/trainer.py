@@ -33,21 +33,22 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import AutoNNUNetError
 from .config import TrialConfig
 from .events import EventWriter, ProgressCallback, ProgressEvent
+from .files import atomic_write_text
+from .folds import parse_folds
+# Re-exported: callers and tests import the trainer's parts from here.
+from .nnunet_trainer import (  # noqa: F401
+    CHECKPOINT_KEY, SCHEDULES, ConstantLR, CosineAnnealingLR, PolyLR, TrainingError, scale_augmentation_probabilities,
+    trainer_class,
+)
+from .validation import Diverged, Validation, dice_score, validate_fold, write_summary  # noqa: F401
 from .workspace import PLANS_NAME, STOCK_TRAINER, Workspace, resolve_device
 
 log = logging.getLogger(__name__)
 
 RECORD_NAME = "autonnunet.json"
 CHECKPOINT_NAME = "checkpoint_final.pth"
-#: Extra key in our checkpoints; stock nnU-Net ignores unknown keys.
-CHECKPOINT_KEY = "autonnunet"
-
-
-class TrainingError(AutoNNUNetError, RuntimeError):
-    """A training run could not start or did not finish (bad resume, NaN loss, ...)."""
 
 
 def model_dir_name(configuration: str = "3d_fullres") -> str:
@@ -71,6 +72,8 @@ class FoldResult:
     save_seconds: float
     checkpoint: Path
     final_loss: float = float("nan")
+    #: Why the run diverged (NaN/Inf loss or output); its Dice is then 0 for every class.
+    diverged: Optional[str] = None
 
 
 @dataclass
@@ -86,9 +89,12 @@ class TrainResult:
     max_epochs: int
     model_dir: Path
     iterations_per_epoch: int = 250
+    #: Set when a fold diverged: the result is Dice 0 (a loss of 1 for the search), with this reason.
+    diverged: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "diverged": self.diverged,
             "config": self.config.to_dict(),
             "folds": [{**asdict(f), "checkpoint": str(f.checkpoint)} for f in self.folds],
             "mean_dice": self.mean_dice,
@@ -99,209 +105,6 @@ class TrainResult:
             "iterations_per_epoch": self.iterations_per_epoch,
             "model_dir": str(self.model_dir),
         }
-
-
-# ----------------------------------------------------------------------------------------------
-# learning-rate schedules with nnU-Net's "step(epoch)" contract (stateless, so resume is exact)
-
-
-class _EpochSchedule:
-    def __init__(self, optimizer, initial_lr: float, max_epochs: int):
-        self.optimizer = optimizer
-        self.initial_lr = initial_lr
-        self.max_epochs = max_epochs
-
-    def lr_at(self, epoch: int) -> float:
-        raise NotImplementedError
-
-    def step(self, epoch: int) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(epoch)
-
-
-class PolyLR(_EpochSchedule):
-    """nnU-Net's default: ``lr0 * (1 - epoch / max_epochs) ** 0.9``."""
-
-    def lr_at(self, epoch: int) -> float:
-        return self.initial_lr * (1 - epoch / self.max_epochs) ** 0.9
-
-
-class CosineAnnealingLR(_EpochSchedule):
-    def lr_at(self, epoch: int) -> float:
-        return 0.5 * self.initial_lr * (1 + math.cos(math.pi * epoch / self.max_epochs))
-
-
-class ConstantLR(_EpochSchedule):
-    def lr_at(self, epoch: int) -> float:
-        return self.initial_lr
-
-
-SCHEDULES = {"PolyLR": PolyLR, "CosineAnnealing": CosineAnnealingLR, "none": ConstantLR}
-
-
-# ----------------------------------------------------------------------------------------------
-# the nnU-Net trainer subclass
-
-
-def _trainer_class():
-    """Define the trainer lazily: importing nnunetv2 costs seconds, the CLI's --help should not."""
-    import torch
-    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss, DC_and_topk_loss
-    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-    from nnunetv2.training.loss.robust_ce_loss import RobustCrossEntropyLoss
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.helpers import softmax_helper_dim1
-
-    class AutoNNUNetTrainer(nnUNetTrainer):
-        """nnUNetTrainer whose hyperparameters come from a TrialConfig (see module docstring).
-
-        The constructor keeps nnU-Net's exact signature: the base class records its own arguments
-        by name, so extra parameters would break it. Configure with :meth:`configure` before
-        :meth:`initialize`.
-        """
-
-        #: Class attribute: the base constructor already logs before ours runs.
-        echo_to_console = False
-
-        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                     device: torch.device = torch.device("cuda")):
-            super().__init__(plans, configuration, fold, dataset_json, device)
-            self.trial_config = TrialConfig()
-            self.train_seconds_before = 0.0
-
-        def configure(self, config: TrialConfig, max_epochs: int, iterations_per_epoch: int) -> None:
-            self.trial_config = config.validate()
-            self.initial_lr = config.initial_lr
-            self.weight_decay = config.weight_decay
-            self.oversample_foreground_percent = config.oversample_foreground_percent
-            self.num_epochs = int(max_epochs)
-            self.num_iterations_per_epoch = int(iterations_per_epoch)
-            # Checkpoints are written by train() when a budget ends, not every 50 epochs.
-            self.save_every = 10**9
-
-        def relocate(self, output_folder_base: Path, preprocessed_base: Path) -> None:
-            """Write into ``output_folder_base`` instead of nnU-Net's results tree."""
-            self.output_folder_base = str(output_folder_base)
-            self.output_folder = str(output_folder_base / f"fold_{self.fold}")
-            self.preprocessed_dataset_folder_base = str(preprocessed_base)
-            self.preprocessed_dataset_folder = str(preprocessed_base / self.configuration_manager.data_identifier)
-            os.makedirs(self.output_folder, exist_ok=True)
-            self.log_file = os.path.join(self.output_folder, "training_log.txt")
-
-        def print_to_log_file(self, *args, also_print_to_console=True, add_timestamp=True):
-            # nnU-Net echoes everything (plans, citation) to stdout; keep it in the log file only
-            # unless asked, so the CLI's progress stays readable.
-            super().print_to_log_file(*args, also_print_to_console=self.echo_to_console and also_print_to_console,
-                                      add_timestamp=add_timestamp)
-
-        def configure_optimizers(self):
-            config = self.trial_config
-            params = self.network.parameters()
-            if config.optimizer == "SGD":
-                optimizer = torch.optim.SGD(params, config.initial_lr, weight_decay=config.weight_decay,
-                                            momentum=config.momentum, nesterov=True)
-            elif config.optimizer == "Adam":
-                optimizer = torch.optim.Adam(params, config.initial_lr, weight_decay=config.weight_decay)
-            else:
-                optimizer = torch.optim.AdamW(params, config.initial_lr, weight_decay=config.weight_decay)
-            return optimizer, SCHEDULES[config.lr_scheduler](optimizer, config.initial_lr, self.num_epochs)
-
-        def _build_loss(self):
-            if self.label_manager.has_regions:
-                return super()._build_loss()
-            config = self.trial_config
-            ignore = self.label_manager.ignore_label
-            dice_kwargs = {"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5, "do_bg": False,
-                           "ddp": self.is_ddp}
-            if config.loss == "Dice+CE":
-                loss = DC_and_CE_loss(dice_kwargs, {}, weight_ce=1, weight_dice=1, ignore_label=ignore,
-                                      dice_class=MemoryEfficientSoftDiceLoss)
-            elif config.loss == "TopK10":
-                # nnU-Net's TopK loss: cross-entropy over the hardest 10% of voxels, plus Dice.
-                loss = DC_and_topk_loss(dice_kwargs, {"k": 10, "ignore_index": -100 if ignore is None else ignore},
-                                        weight_ce=1, weight_dice=1, ignore_label=ignore)
-            elif config.loss == "CE":
-                loss = RobustCrossEntropyLoss(ignore_index=-100 if ignore is None else ignore)
-            else:
-                if ignore is not None:
-                    raise TrainingError("the Dice-only loss does not support datasets with an ignore label")
-                loss = MemoryEfficientSoftDiceLoss(apply_nonlin=softmax_helper_dim1, **dice_kwargs)
-            if self.enable_deep_supervision:
-                scales = self._get_deep_supervision_scales()
-                weights = np.array([1 / (2**i) for i in range(len(scales))])
-                weights[-1] = 0  # as nnU-Net: the lowest resolution output does not count
-                if weights.sum() == 0:  # a one- or two-stage network (HNAS) has no other output
-                    weights[0] = 1
-                loss = DeepSupervisionWrapper(loss, weights / weights.sum())
-            return loss
-
-        def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
-                                    do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
-                                    foreground_labels=None, regions=None, ignore_label=None):
-            # Defined as a method (the base has a staticmethod; calls go through self), so the
-            # augmentation factor of this trial can scale nnU-Net's own pipeline.
-            transforms = nnUNetTrainer.get_training_transforms(
-                patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
-                use_mask_for_norm=use_mask_for_norm, is_cascaded=is_cascaded, foreground_labels=foreground_labels,
-                regions=regions, ignore_label=ignore_label)
-            scale_augmentation_probabilities(transforms, self.trial_config.aug_factor)
-            return transforms
-
-        def save_checkpoint(self, filename: str) -> None:
-            network = self.network._orig_mod if hasattr(self.network, "_orig_mod") else self.network
-            checkpoint = {
-                "network_weights": network.state_dict(),
-                "optimizer_state": self.optimizer.state_dict(),
-                "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-                "logging": self.logger.get_checkpoint(),
-                "_best_ema": self._best_ema,
-                "current_epoch": self.current_epoch,
-                "init_args": self.my_init_kwargs,
-                # The stock name: stock nnU-Net rebuilds the network from the plans through it.
-                "trainer_name": STOCK_TRAINER,
-                "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-                CHECKPOINT_KEY: {
-                    "config": self.trial_config.to_dict(),
-                    "max_epochs": self.num_epochs,
-                    "iterations_per_epoch": self.num_iterations_per_epoch,
-                    "train_seconds": self.train_seconds_before,
-                },
-            }
-            tmp = filename + ".tmp"
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, filename)  # never leave a truncated checkpoint behind
-
-    return AutoNNUNetTrainer
-
-
-def scale_augmentation_probabilities(transform: Any, factor: float) -> int:
-    """Multiply every augmentation probability in a batchgeneratorsv2 pipeline by ``factor``.
-
-    Probabilities are capped at 1. Returns how many probabilities were scaled (for tests and logs).
-    Walks ``ComposeTransforms.transforms``, ``RandomTransform.apply_probability`` and the
-    ``p_*`` attributes of ``SpatialTransform``.
-    """
-    count = 0
-    if factor == 1.0:
-        return 0
-    stack = [transform]
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        for name, value in list(vars(node).items()) if hasattr(node, "__dict__") else []:
-            if (name == "apply_probability" or name.startswith("p_")) and isinstance(value, (int, float)) \
-                    and not isinstance(value, bool):
-                setattr(node, name, float(min(1.0, value * factor)))
-                count += 1
-            elif isinstance(value, (list, tuple)):
-                stack.extend(v for v in value if hasattr(v, "__dict__"))
-            elif hasattr(value, "__dict__") and type(value).__module__.startswith("batchgeneratorsv2"):
-                stack.append(value)
-    return count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,47 +151,6 @@ def _read_checkpoint_meta(path: Path) -> dict:
     meta = dict(meta)
     meta["epoch"] = int(checkpoint["current_epoch"])
     return meta
-
-
-def _dice(prediction: np.ndarray, truth: np.ndarray, label: int) -> float:
-    p = prediction == label
-    t = truth == label
-    denominator = p.sum() + t.sum()
-    if denominator == 0:
-        return float("nan")  # class absent in both: no information, left out of the mean
-    return float(2.0 * np.logical_and(p, t).sum() / denominator)
-
-
-def validate_fold(trainer, max_cases: Optional[int] = None) -> dict[str, float]:
-    """Per-class Dice of the fold's validation cases, predicted in-process in preprocessed space."""
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    _, val_keys = trainer.do_split()
-    val_keys = sorted(val_keys)[:max_cases] if max_cases else sorted(val_keys)
-    dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, val_keys)
-    trainer.set_deep_supervision_enabled(False)
-    trainer.network.eval()
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                perform_everything_on_device=trainer.device.type == "cuda", device=trainer.device, verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=False)
-    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
-                                    trainer.dataset_json, STOCK_TRAINER, trainer.inference_allowed_mirroring_axes)
-    labels = trainer.label_manager.foreground_labels
-    names = {int(v): k for k, v in trainer.dataset_json["labels"].items() if isinstance(v, int)}
-    per_class: dict[str, list[float]] = {names.get(l, str(l)): [] for l in labels}
-    with torch.no_grad():
-        for key in val_keys:
-            data, seg, _, _ = dataset.load_case(key)
-            logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data)))
-            prediction = logits.argmax(0).cpu().numpy()
-            truth = np.asarray(seg)[0]
-            for label in labels:
-                score = _dice(prediction, truth, label)
-                if not math.isnan(score):
-                    per_class[names.get(label, str(label))].append(score)
-    trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
-    return {name: (float(np.mean(scores)) if scores else float("nan")) for name, scores in per_class.items()}
 
 
 def train_fold(
@@ -445,7 +207,7 @@ def train_fold(
         # space, then relocate the trainer into the requested model folder. The scratch lives in
         # that folder so a killed worker leaves nothing in /tmp (a search's retry wipes the folder).
         os.environ["nnUNet_results"] = scratch
-        trainer_cls = _trainer_class()
+        trainer_cls = trainer_class()
         trainer = trainer_cls(plans, configuration, fold, dataset_json, torch_device)
         trainer.configure(config, max_epochs, iterations_per_epoch)
         trainer.relocate(output_dir, workspace.preprocessed_dataset)
@@ -460,6 +222,7 @@ def train_fold(
 
         train_seconds = 0.0
         last_loss = float("nan")
+        diverged: Optional[str] = None
         try:
             for epoch in range(start_epoch, min(epochs, max_epochs)):
                 t_epoch = time.perf_counter()
@@ -470,7 +233,8 @@ def train_fold(
                 trainer.on_train_epoch_end([{"loss": l} for l in losses])
                 last_loss = float(np.mean(losses))
                 if not math.isfinite(last_loss):
-                    raise TrainingError(f"training loss became {last_loss} at epoch {epoch} (fold {fold})")
+                    # Diverged: no point training on; the run is scored Dice 0 with this reason.
+                    diverged = f"training loss became {last_loss} at epoch {epoch + 1} (fold {fold})"
                 # Placeholders keep nnU-Net's per-epoch logging lists aligned, so a stock
                 # `nnUNetv2_train --c` can still continue from our checkpoint.
                 trainer.logger.log("val_losses", float("nan"), epoch)
@@ -484,15 +248,31 @@ def train_fold(
                     progress(ProgressEvent("epoch", {"fold": fold, "epoch": epoch + 1, "max_epochs": max_epochs,
                                                      "target_epochs": epochs, "loss": last_loss,
                                                      "seconds": seconds}))
+                if diverged:
+                    break
             trainer.train_seconds_before += train_seconds
 
             t_val = time.perf_counter()
-            dice_per_class = validate_fold(trainer, max_validation_cases)
+            validation = None
+            if diverged is None:
+                try:
+                    validation = validate_fold(trainer, max_validation_cases)
+                except Diverged as error:
+                    diverged = f"{error.reason} (fold {fold})"
+            if validation is None:
+                names = {int(v): k for k, v in dataset_json["labels"].items() if isinstance(v, int)}
+                labels = {names.get(l, str(l)): int(l) for l in trainer.label_manager.foreground_labels}
+                validation = Validation({name: 0.0 for name in labels}, labels)
+                log.warning("fold %s diverged: %s; scored as Dice 0", fold, diverged)
+            dice_per_class = validation.dice_per_class
             validation_seconds = time.perf_counter() - t_val
 
             t_save = time.perf_counter()
             checkpoint = Path(trainer.output_folder) / CHECKPOINT_NAME
             trainer.save_checkpoint(str(checkpoint))
+            # What stock nnUNetv2_export_model_to_zip packs besides the checkpoint.
+            write_summary(Path(trainer.output_folder), validation, diverged)
+            _plot_progress(trainer)
             save_seconds = time.perf_counter() - t_save
         finally:
             # Shut down augmentation workers even when training failed.
@@ -515,7 +295,16 @@ def train_fold(
         save_seconds=save_seconds,
         checkpoint=checkpoint,
         final_loss=last_loss,
+        diverged=diverged,
     )
+
+
+def _plot_progress(trainer) -> None:
+    """nnU-Net's ``progress.png`` (losses, learning rate, epoch times) of the fold."""
+    try:
+        trainer.logger.plot_progress_png(trainer.output_folder)
+    except Exception as error:  # a plot must never fail a training; the export then says what is missing
+        log.warning("could not draw %s/progress.png: %s", trainer.output_folder, error)
 
 
 def train(
@@ -579,30 +368,16 @@ def train(
         max_epochs=max_epochs,
         model_dir=output_dir,
         iterations_per_epoch=iterations_per_epoch,
+        diverged=next((r.diverged for r in results if r.diverged), None),
     )
     record = {"kind": "autonnunet-model", "dataset": workspace.require_dataset(), "configuration": configuration,
               **result.to_dict()}
-    tmp = output_dir / (RECORD_NAME + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, output_dir / RECORD_NAME)
+    atomic_write_text(output_dir / RECORD_NAME, json.dumps(record, indent=2, default=str))
     return result
 
 
 # ----------------------------------------------------------------------------------------------
 # CLI
-
-
-def parse_folds(values: Sequence[str]) -> list[int]:
-    """``["0", "1"]`` -> [0, 1]; ``["all"]`` -> the five cross-validation folds."""
-    if len(values) == 1 and str(values[0]).lower() == "all":
-        return [0, 1, 2, 3, 4]
-    try:
-        folds = [int(v) for v in values]
-    except ValueError as error:
-        raise TrainingError(f"folds must be integers or 'all', got {' '.join(values)}") from error
-    if any(f < 0 for f in folds):
-        raise TrainingError(f"folds must be >= 0, got {folds}")
-    return folds
 
 
 def load_config_argument(value: Optional[str]) -> TrialConfig:
@@ -641,6 +416,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                    max_validation_cases=args.max_validation_cases)
     dice = ", ".join(f"{k} {v:.4f}" for k, v in result.dice_per_class.items())
     print(f"validation Dice: {dice} (mean {result.mean_dice:.4f}); training {result.train_seconds:.1f} s")
+    if result.diverged:
+        print(f"the run diverged ({result.diverged}); it is scored as Dice 0")
     print(f"model folder: {result.model_dir}")
     if writer is not None:
         writer.emit("finished", state="succeeded", dice=result.mean_dice, model_dir=str(result.model_dir))

@@ -12,6 +12,7 @@ import torch
 
 from AutoNNUNetLib.cli import main as cli_main
 from AutoNNUNetLib.config import ConfigError, TrialConfig
+from AutoNNUNetLib.errors import UserInputError
 from AutoNNUNetLib.network import build_network
 from AutoNNUNetLib.trainer import (
     CHECKPOINT_KEY,
@@ -186,7 +187,7 @@ def test_bad_budgets_and_configs_are_rejected(hippo_workspace, tmp_path):
     with pytest.raises(ConfigError, match="unknown TrialConfig fields: lr"):
         TrialConfig.from_dict({"lr": 0.1})
     assert parse_folds(["all"]) == [0, 1, 2, 3, 4]
-    with pytest.raises(TrainingError):
+    with pytest.raises(UserInputError):  # the one folds rule (AutoNNUNetLib.folds)
         parse_folds(["x"])
 
 
@@ -203,3 +204,78 @@ def test_train_command_writes_a_model_and_events(hippo_workspace, tmp_path, caps
     assert kinds.count("epoch") == 2 and kinds[-1] == "finished"
     assert "validation Dice" in capsys.readouterr().out
     assert cli_main(["train", "--workdir", str(hippo_workspace.root), "--epochs", "1", "--config", "{bad"]) == 2
+
+
+# -- issue 12 items 19 and 20 -------------------------------------------------------------------
+
+
+def test_stock_export_to_zip_takes_our_model(trained_model, tmp_path):
+    """Item 19: nnUNetv2_export_model_to_zip needs progress.png and validation/summary.json."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    from AutoNNUNetLib.model import install_for_nnunet
+
+    results = tmp_path / "results"
+    install_for_nnunet(trained_model, results)
+    code = ("from nnunetv2.model_sharing.model_export import export_pretrained_model as export\n"
+            f"export('Dataset004_Hippocampus', {str(tmp_path / 'stock.zip')!r}, configurations=('3d_fullres',), "
+            "folds=(0,))")
+    env = {**os.environ, "nnUNet_results": str(results), "nnUNet_raw": str(tmp_path), "nnUNet_preprocessed": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = zipfile.ZipFile(tmp_path / "stock.zip").namelist()
+    prefix = f"Dataset004_Hippocampus/{model_dir_name()}"
+    for member in ("fold_0/checkpoint_final.pth", "fold_0/progress.png", "fold_0/validation/summary.json", "plans.json"):
+        assert f"{prefix}/{member}" in names
+    summary = json.loads((trained_model / "fold_0" / "validation" / "summary.json").read_text())
+    record = json.loads((trained_model / "autonnunet.json").read_text())
+    assert summary["mean"]["1"]["Dice"] == pytest.approx(record["dice_per_class"]["Anterior"])
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(record["mean_dice"])
+
+
+def test_validation_logits_are_float32_so_large_logits_do_not_crash(trained_model):
+    """Item 20: nnU-Net sums tiles in float16 and raises "Encountered inf in predicted array"."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from AutoNNUNetLib.validation import sliding_window_logits
+
+    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(trained_model), use_folds=(0,))
+    network = predictor.network
+    with torch.no_grad():  # logits far beyond float16's 65504, as a diverging configuration gives
+        for head in network.decoder.seg_layers:
+            head.weight.mul_(1e4)
+            head.bias.mul_(1e4)
+    patch = [int(p) for p in predictor.configuration_manager.patch_size]
+    image = torch.from_numpy(np.random.default_rng(0).normal(size=(1, *patch)).astype(np.float32))
+    with pytest.raises(RuntimeError, match="Encountered inf in predicted array"):
+        predictor.predict_sliding_window_return_logits(image)
+    logits = sliding_window_logits(predictor, image)
+    assert logits.dtype == torch.float32 and bool(torch.isfinite(logits).all())
+    # The weighted tile sums (10x the logits at tile centres) are what overflowed float16.
+    assert tuple(logits.shape) == (3, *patch) and 10 * float(logits.abs().max()) > 65504
+
+
+def test_a_diverged_run_is_scored_dice_zero_with_its_reason(hippo_workspace, tmp_path, monkeypatch):
+    """Item 20: a NaN loss is a result for the search (loss 1), not a crash."""
+    import AutoNNUNetLib.trainer as trainer_module
+
+    base = trainer_module.trainer_class()
+
+    class Diverging(base):
+        def train_step(self, batch):
+            return {"loss": np.float32("nan")}
+
+    monkeypatch.setattr(trainer_module, "trainer_class", lambda: Diverging)
+    output = tmp_path / model_dir_name()
+    result = train(hippo_workspace, SMALL, output, epochs=3, max_epochs=9, iterations_per_epoch=1, device="cpu")
+    assert result.mean_dice == 0.0 and result.dice_per_class == {"Anterior": 0.0, "Posterior": 0.0}
+    assert result.diverged == "training loss became nan at epoch 1 (fold 0)"
+    assert result.epochs == 1  # no point training a diverged run on
+    record = json.loads((output / "autonnunet.json").read_text())
+    assert record["diverged"] == result.diverged and record["mean_dice"] == 0.0
+    summary = json.loads((output / "fold_0" / "validation" / "summary.json").read_text())
+    assert summary["diverged"] == result.diverged and summary["foreground_mean"]["Dice"] == 0.0
