@@ -46,8 +46,10 @@ def format_duration(seconds: Optional[float]) -> str:
     return f"{secs}s"
 
 
-#: Spellings producers have used for a trial state, folded to the shared enum.
-_STATE_ALIASES = {"success": TrialState.SUCCEEDED, "running": TrialState.EVALUATING}
+#: Spellings producers have used for a trial state (older searches, NePS's own words), folded to
+#: the shared enum.
+_STATE_ALIASES = {"success": TrialState.SUCCEEDED, "running": TrialState.EVALUATING,
+                  "submitted": TrialState.PENDING, "corrupted": TrialState.CRASHED}
 
 
 def trial_state(value: Any, default: TrialState = TrialState.SUCCEEDED) -> TrialState:

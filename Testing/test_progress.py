@@ -31,6 +31,7 @@ def test_trial_state_reads_every_spelling():
     assert trial_state("success") is TrialState.SUCCEEDED  # what older searches wrote
     assert trial_state(None) is TrialState.SUCCEEDED and trial_state("SUCCEEDED") is TrialState.SUCCEEDED
     assert trial_state("crashed") is TrialState.CRASHED and trial_state("running") is TrialState.EVALUATING
+    assert trial_state("submitted") is TrialState.PENDING and trial_state("corrupted") is TrialState.CRASHED
     assert trial_state("exploded") is TrialState.FAILED  # never silently a success
 
 
