@@ -38,7 +38,7 @@ from .headers import (
     size_text,
     spec_header,
 )
-from .records import CASE_ID_RE, Case, case_id_key, ChannelFile, DatasetError, DatasetSource, Problem
+from .records import CASE_ID_RE, Case, ChannelFile, DatasetError, DatasetSource, Problem, case_id_key
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
@@ -172,7 +172,8 @@ def _validate_case(
     plan = CasePlan(case, [h for h in headers if h is not None], reference, len(ref_size), label_values=values)
     if values and classes is not None:
         plan.value_map = _map_values(case, values, classes, problem)
-        foreground = {c for c in plan.value_map.values() if c != 0 and c != classes.get("ignore", -1)}
+        ignore = find_class_value(classes, "ignore")
+        foreground = {c for c in plan.value_map.values() if c != 0 and c != ignore}
         plan.empty = not foreground
     return (None if problems else plan), problems
 
