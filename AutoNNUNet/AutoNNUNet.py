@@ -134,6 +134,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer: Optional[qt.QTimer] = None
         self._calls: list = []  # (BackgroundCall, on_done) pairs: short calls off the UI thread
         self._shownTrials: list = []
+        self._searchAfterFingerprint = False  # Export, fingerprint and search: the last step waits
 
     # -- setup / teardown ------------------------------------------------------------------------
 
@@ -161,6 +162,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.casesTableWidget.itemChanged.connect(lambda _item: self._saveCasesTable())
         self.ui.channelNamesLineEdit.editingFinished.connect(self._updateChannelColumns)
         self.ui.exportDatasetButton.clicked.connect(self.onExportDataset)
+        self.ui.runAllButton.clicked.connect(self.onRunAll)
         # Fingerprint
         self.ui.runFingerprintButton.clicked.connect(self.onRunFingerprint)
         self.ui.showFingerprintButton.clicked.connect(self.onShowFingerprint)
@@ -260,6 +262,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._channelNames() != self._shownChannels:
             self._updateChannelColumns()
         self._showModelDir()
+        self._updateButtons()  # the working folder, model folder or Run on may have changed
         settings = qt.QSettings()
         for name, key in SETTINGS_REMEMBERED.items():
             value = view.model_folder_text(getattr(self._parameterNode, name)) if self._parameterNode else ""
@@ -292,21 +295,20 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateButtons(self) -> None:
         board = self.logic.board
-        busyWorkspace = board.running("search") or board.running("fingerprint")
-        self.ui.startButton.enabled = not busyWorkspace
-        self.ui.resumeButton.enabled = not busyWorkspace
-        self.ui.stopButton.enabled = busyWorkspace
-        self.ui.runFingerprintButton.enabled = not busyWorkspace
-        self.ui.exportDatasetButton.enabled = not busyWorkspace
-        self.ui.segmentButton.enabled = not board.running("predict")
-        self.ui.cancelSegmentButton.enabled = board.running("predict")
-        self.ui.exportModelButton.enabled = not board.running("model")
-        self.ui.importModelButton.enabled = not board.running("model")
+        folder = modulejobs.workspace_state(self._workDir()) if self._parameterNode else {}
+        facts = view.PanelFacts(
+            cases=self.ui.casesTableWidget.rowCount, model=bool(self._parameterNode)
+            and view.is_model_folder_set(self._parameterNode.modelDir),
+            remote=self.ui.whereComboBox.currentText == RUN_REMOTE,
+            running={kind for kind in board.jobs if board.running(kind)}, **folder)
+        for name, enabled in view.button_states(facts).items():
+            getattr(self.ui, name).enabled = enabled
 
     def _updateRemoteWidgets(self, *_args) -> None:
         remote = self.ui.whereComboBox.currentText == RUN_REMOTE
         for widget in (self.ui.remoteUrlLineEdit, self.ui.remoteTokenLineEdit, self.ui.testConnectionButton):
             widget.enabled = remote
+        self._updateButtons()
 
     def _saveRemoteSettings(self) -> None:
         settings = qt.QSettings()
@@ -545,6 +547,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._updatingClassTable = False
         self._saveCasesTable()
+        self._updateButtons()
 
     def onClassItemChanged(self, item) -> None:
         if self._updatingClassTable or item.column() != 1:
@@ -553,7 +556,17 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._classAliases[segmentName] = item.text().strip() or segmentName
         self.refreshClassTable()
 
-    def onExportDataset(self) -> None:
+    def onRunAll(self) -> None:
+        """Export, then fingerprint, then search: each step starts when the one before succeeded."""
+        if not self.onExportDataset():
+            return
+        if self._parameterNode.runWhere == RUN_REMOTE:
+            self.onStartSearch(resume=False)  # the runner fingerprints and plans the upload itself
+            return
+        self._searchAfterFingerprint = True
+        self.onRunFingerprint()
+
+    def onExportDataset(self) -> bool:
         # Export needs only numpy and SimpleITK, which Slicer ships: no dependency check here.
         progress = slicer.util.createProgressDialog(parent=slicer.util.mainWindow(), labelText="Exporting dataset...", maximum=100)
 
@@ -574,10 +587,12 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not isinstance(error, ValueError):
                 logging.exception("AutoNNUNet: dataset export failed")
             slicer.util.errorDisplay("The dataset was not exported:\n\n" + str(error), windowTitle="AutoNNUNet")
-            return
+            return False
         finally:
             progress.close()
         self.ui.dataStatusLabel.text = f"Dataset written to {folder}"
+        self._updateButtons()
+        return True
 
     # -- Fingerprint section ---------------------------------------------------------------------
 
@@ -697,6 +712,13 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = text
         if entry.cancelled_by_scene_close:
             return
+        if kind == "fingerprint" and self._searchAfterFingerprint:
+            self._searchAfterFingerprint = False
+            if entry.state == "succeeded":
+                self.ui.fingerprintTextEdit.setPlainText(view.summary_from_log(entry.log))
+                self._updateButtons()
+                self.onStartSearch(resume=False)
+                return
         if entry.state != "succeeded":
             if kind == "fingerprint":
                 self.ui.fingerprintTextEdit.setPlainText(text + "\n\n" + view.summary_from_log(entry.log))

@@ -215,6 +215,14 @@ def has_search(work_dir) -> bool:
     return root.exists() and any(root.iterdir())
 
 
+def workspace_state(work_dir) -> dict[str, bool]:
+    """Which steps the working folder has been through: dataset exported, planned, searched."""
+    work_dir = Path(work_dir)
+    return {"dataset": any(work_dir.glob("nnUNet_raw/Dataset*/dataset.json")),
+            "planned": any(work_dir.glob("nnUNet_preprocessed/Dataset*/nnUNetPlans.json")),
+            "search": has_search(work_dir)}
+
+
 def job_folder(work_dir, kind: str) -> Path:
     """A new folder ``<working folder>/jobs/<kind>-<time>`` (unique within the second)."""
     base = Path(work_dir) / "jobs" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -7,6 +7,7 @@ reads (for instance that an unset model folder shows empty, not ".").
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from AutoNNUNetLib.progress import format_duration
@@ -147,3 +148,37 @@ def summary_from_log(text: str) -> str:
     lines = [line for line in text.splitlines() if not line.startswith(("=== ", "[supervisor]"))]
     return "\n".join(lines).strip()
 
+
+
+@dataclass
+class PanelFacts:
+    """What decides which actions can run now."""
+
+    cases: int = 0  # rows in the cases table
+    dataset: bool = False  # the working folder holds an exported dataset
+    planned: bool = False  # ... fingerprinted and planned
+    search: bool = False  # ... and a search folder (Resume)
+    model: bool = False  # a model folder is chosen
+    remote: bool = False  # Run on: remote runner
+    running: set = field(default_factory=set)  # kinds of the jobs running now
+
+
+def button_states(facts: PanelFacts) -> dict[str, bool]:
+    """Each action's button enabled only when its inputs are there and nothing it would disturb runs.
+
+    A remote search needs the exported dataset only (the runner plans it); a local one the plans.
+    """
+    busy = bool({"search", "fingerprint"} & facts.running)
+    return {
+        "exportDatasetButton": facts.cases > 0 and not busy,
+        "runAllButton": facts.cases > 0 and not busy,
+        "runFingerprintButton": facts.dataset and not busy,
+        "showFingerprintButton": facts.planned and not busy,
+        "startButton": not busy and (facts.dataset if facts.remote else facts.planned),
+        "resumeButton": not busy and facts.search and not facts.remote,
+        "stopButton": busy,
+        "segmentButton": facts.model and "predict" not in facts.running,
+        "cancelSegmentButton": "predict" in facts.running,
+        "exportModelButton": facts.model and "model" not in facts.running,
+        "importModelButton": "model" not in facts.running,
+    }

@@ -444,3 +444,24 @@ def test_an_imported_model_is_found_below_its_destination(tmp_path):
     assert context.model_dir == (tmp_path / "into").resolve() and context.kind == "model"
     ended = job.wait(timeout=120)  # the child refuses a missing archive with the library's message
     assert ended.state == JobState.FAILED and "missing.zip" in ended.log
+
+
+def test_buttons_are_enabled_only_when_their_inputs_are_there(tmp_path):
+    nothing = widget.button_states(widget.PanelFacts())
+    assert not any(nothing[b] for b in ("exportDatasetButton", "runAllButton", "runFingerprintButton", "startButton",
+                                        "resumeButton", "stopButton", "segmentButton", "exportModelButton"))
+    assert nothing["importModelButton"]
+    exported = widget.PanelFacts(cases=6, dataset=True)
+    assert widget.button_states(exported)["runFingerprintButton"] and not widget.button_states(exported)["startButton"]
+    assert widget.button_states(widget.PanelFacts(cases=6, dataset=True, remote=True))["startButton"]  # the runner plans
+    planned = widget.PanelFacts(cases=6, dataset=True, planned=True, search=True, model=True)
+    assert all(widget.button_states(planned)[b] for b in ("startButton", "resumeButton", "segmentButton"))
+    searching = widget.button_states(widget.PanelFacts(cases=6, dataset=True, planned=True, running={"search"}))
+    assert searching["stopButton"] and not searching["startButton"] and not searching["exportDatasetButton"]
+    # What the folder holds, read from the files the steps write.
+    assert modulejobs.workspace_state(tmp_path) == {"dataset": False, "planned": False, "search": False}
+    (tmp_path / "nnUNet_raw" / "Dataset001_A").mkdir(parents=True)
+    (tmp_path / "nnUNet_raw" / "Dataset001_A" / "dataset.json").write_text("{}")
+    (tmp_path / "nnUNet_preprocessed" / "Dataset001_A").mkdir(parents=True)
+    (tmp_path / "nnUNet_preprocessed" / "Dataset001_A" / "nnUNetPlans.json").write_text("{}")
+    assert modulejobs.workspace_state(tmp_path) == {"dataset": True, "planned": True, "search": False}
