@@ -110,6 +110,7 @@ class AutoNNUNetParameterNode:
     casesTable: str = "[]"
     classAliases: str = "{}"
     show3d: bool = True  # surfaces can take minutes on large volumes
+    predictFolds: str = ""  # "" = every fold the model has
     outputSegmentation: slicer.vtkMRMLSegmentationNode
 
 
@@ -853,7 +854,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
             self.logic.startPrediction(Path(p.modelDir), volumes, self._workDir(), device=p.device, mirroring=p.mirroring,
                                        largestComponent=p.largestComponent, outputSegmentation=p.outputSegmentation,
-                                       show3d=p.show3d)
+                                       show3d=p.show3d, folds=view.predict_folds(p.predictFolds))
             self.ui.inferenceStatusLabel.text = "Segmenting in the background..."
             self._startPolling()
 

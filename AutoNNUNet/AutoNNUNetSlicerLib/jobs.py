@@ -311,7 +311,7 @@ def start_search(work_dir, settings, *, resume: bool = False, python: Optional[s
 def start_prediction(work_dir, model_dir, inputs: Sequence[Any], *, device: str = "auto", mirroring: bool = False,
                      largest_component: bool = False, python: Optional[str] = None, env: Optional[dict] = None,
                      reference_volume: Any = None, output_segmentation: Any = None, classes: Optional[dict] = None,
-                     show_3d: bool = True):
+                     show_3d: bool = True, folds=None):
     """Segment one case: ``inputs`` are ``imaging.Volume`` channels, written here in nnU-Net naming."""
     from AutoNNUNetLib.jobs.params import PredictParams
     from AutoNNUNetLib.jobs.spec import Step
@@ -319,11 +319,13 @@ def start_prediction(work_dir, model_dir, inputs: Sequence[Any], *, device: str 
     work_dir, model_dir = Path(work_dir).resolve(), Path(model_dir).resolve()
     if not (model_dir / "plans.json").is_file():
         raise ValueError(f"{model_dir} is not an nnU-Net model folder (no plans.json)")
+    # Validated first: a bad fold or device is refused before anything is written.
+    params = PredictParams(mirroring=bool(mirroring), largest_component=bool(largest_component), device=device,
+                           folds=folds)
     job_dir = job_folder(work_dir, "predict")
     images, output = job_dir / "inputs", job_dir / "output"
     for index, volume in enumerate(inputs):
         volume.write(images / f"case_{index:04d}.nii.gz")
-    params = PredictParams(mirroring=bool(mirroring), largest_component=bool(largest_component), device=device)
     step = Step(name="predict", argv=params.to_argv(model_dir, images, output), message="segment the volume")
     context = JobContext("predict", work_dir, model_dir=model_dir, output_file=output / "case.nii.gz",
                          reference_volume=reference_volume, output_segmentation=output_segmentation,

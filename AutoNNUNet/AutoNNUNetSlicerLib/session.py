@@ -72,7 +72,7 @@ class ModuleSession:
 
     def startPrediction(self, modelDir: Path, volumeNodes: list, workDir: Path, device: str = "auto",
                         mirroring: bool = False, largestComponent: bool = False, outputSegmentation=None,
-                        show3d: bool = True):
+                        show3d: bool = True, folds=None):
         """Write the input channels (exact geometry) and segment them in a child process."""
         expected = scenelogic.model_channel_names(modelDir)
         if expected and len(expected) != len(volumeNodes):
@@ -84,7 +84,7 @@ class ModuleSession:
         job, context = modulejobs.start_prediction(
             workDir, modelDir, inputs, device=device, mirroring=mirroring, largest_component=largestComponent,
             reference_volume=volumeNodes[0], output_segmentation=outputSegmentation,
-            classes=scenelogic.model_classes(modelDir), show_3d=show3d)
+            classes=scenelogic.model_classes(modelDir), show_3d=show3d, folds=folds)
         return self.board.add("predict", job, context)
 
     def loadPrediction(self, entry):

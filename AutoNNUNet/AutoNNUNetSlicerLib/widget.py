@@ -77,6 +77,16 @@ def parse_class_aliases(text: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in aliases.items()} if isinstance(aliases, dict) else {}
 
 
+def predict_folds(text: str):
+    """The inference folds as typed ("0 2", "all"; empty: every fold the model has -> None)."""
+    from AutoNNUNetLib.folds import parse_folds
+
+    text = str(text or "").replace(",", " ").strip()
+    if not text or text.lower() == "all":
+        return None  # the model's own folds (a model trained on fold 0 has no fold 1)
+    return parse_folds(text, allow_all=False)
+
+
 def case_columns(channels: Sequence[str]) -> list[str]:
     return [*CASE_FIXED_COLUMNS, *channels]
 

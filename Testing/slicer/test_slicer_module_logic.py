@@ -465,3 +465,40 @@ def test_buttons_are_enabled_only_when_their_inputs_are_there(tmp_path):
     (tmp_path / "nnUNet_preprocessed" / "Dataset001_A").mkdir(parents=True)
     (tmp_path / "nnUNet_preprocessed" / "Dataset001_A" / "nnUNetPlans.json").write_text("{}")
     assert modulejobs.workspace_state(tmp_path) == {"dataset": True, "planned": True, "search": False}
+
+
+def test_inference_folds_as_typed():
+    assert widget.predict_folds("") is None and widget.predict_folds(" all ") is None
+    assert widget.predict_folds("0, 2") == [0, 2] and widget.predict_folds("4") == [4]
+    with pytest.raises(AutoNNUNetError):
+        widget.predict_folds("7")
+
+
+def test_a_prediction_job_carries_its_inputs_options_and_node(tmp_path):
+    import numpy as np
+
+    from AutoNNUNetLib.imaging import Geometry, Volume
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "plans.json").write_text("{}")
+    geometry = Geometry(spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=tuple(np.eye(3).ravel()))
+    channels = [Volume(np.zeros((4, 5, 6), np.float32), geometry), Volume(np.ones((4, 5, 6), np.float32), geometry)]
+    node = object()
+    job, context = modulejobs.start_prediction(tmp_path / "work", model, channels, device="cpu", mirroring=True,
+                                               folds=[0, 2], reference_volume=node, classes={"background": 0, "A": 1},
+                                               show_3d=False, python=sys.executable)
+    spec = json.loads((Path(job.job_dir) / "job.json").read_text())
+    argv = spec["steps"][0]["argv"]
+    assert argv[:2] == ["predict", "--model"] and "--mirroring" in argv
+    assert argv[argv.index("--folds") + 1:argv.index("--folds") + 3] == ["0", "2"] and "cpu" in argv
+    inputs = sorted(p.name for p in (Path(job.job_dir) / "inputs").iterdir())
+    assert inputs == ["case_0000.nii.gz", "case_0001.nii.gz"]  # nnU-Net naming, one file per channel
+    assert Volume.read(Path(job.job_dir) / "inputs" / "case_0001.nii.gz").geometry.close_to(geometry)
+    assert context.reference_volume is node and not context.show_3d and context.classes == {"background": 0, "A": 1}
+    assert context.output_file == Path(job.job_dir) / "output" / "case.nii.gz"
+    job.wait(timeout=120)  # the fake model fails in the child; the job ends by itself
+    before = sorted((tmp_path / "work" / "jobs").iterdir())
+    with pytest.raises(AutoNNUNetError):
+        modulejobs.start_prediction(tmp_path / "work", model, channels, device="tpu", python=sys.executable)
+    assert sorted((tmp_path / "work" / "jobs").iterdir()) == before  # refused before writing anything
