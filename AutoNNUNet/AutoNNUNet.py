@@ -228,6 +228,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         # A prediction holds its input node: it cannot land in the next scene.
@@ -564,8 +565,9 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode.runWhere == RUN_REMOTE:
             self.onStartSearch(resume=False)  # the runner fingerprints and plans the upload itself
             return
-        self._searchAfterFingerprint = True
         self.onRunFingerprint()
+        # The search follows only a fingerprinting that did start (dependencies may be missing).
+        self._searchAfterFingerprint = self.logic.board.running("fingerprint")
 
     def onExportDataset(self) -> bool:
         # Export needs only numpy and SimpleITK, which Slicer ships: no dependency check here.

@@ -347,12 +347,13 @@ def imported_model_dir(dest) -> Optional[Path]:
 # -- remote jobs ------------------------------------------------------------------------------------
 
 
-def remote_client(url: str, token: str):
+def remote_client(url: str, token: str, **options):
+    """The HTTP client of a runner (``options``: the client's timeout and retries)."""
     from AutoNNUNetLib.remote.client import RemoteClient
 
     if not url:
         raise ValueError("enter the runner's URL")
-    return RemoteClient(url, token or None)
+    return RemoteClient(url, token or None, **options)
 
 
 def start_remote_search(work_dir, settings, url: str, token: str):

@@ -31,7 +31,9 @@ def test_connection(url: str, token: str) -> str:
     """What *Test connection* reports: the runner is up, and the token is accepted."""
     from .jobs import remote_client
 
-    client = remote_client(url, token)
+    # One retry and short timeouts: a wrong URL is reported in seconds, not after the minute of
+    # retries a running job's polling allows itself.
+    client = remote_client(url, token, timeout=(5.0, 15.0), retries=1)
     health = client.health()  # no token needed: is the server up?
     user = client.whoami()  # needs the token: is it accepted?
     version = health.get("version") if isinstance(health, dict) else None

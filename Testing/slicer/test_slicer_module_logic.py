@@ -502,3 +502,19 @@ def test_a_prediction_job_carries_its_inputs_options_and_node(tmp_path):
     with pytest.raises(AutoNNUNetError):
         modulejobs.start_prediction(tmp_path / "work", model, channels, device="tpu", python=sys.executable)
     assert sorted((tmp_path / "work" / "jobs").iterdir()) == before  # refused before writing anything
+
+
+def test_test_connection_to_a_closed_port_fails_within_seconds():
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    call = tasks.BackgroundCall("connection", tasks.test_connection, f"http://127.0.0.1:{port}", "t")
+    deadline = time.monotonic() + 30
+    while not call.done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(AutoNNUNetError):
+        call.result()
+    assert time.monotonic() - started < 15
