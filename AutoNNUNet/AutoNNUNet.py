@@ -386,6 +386,11 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = self.logic.missingDependencies()
         if not missing:
             self.ui.dependencyStatusLabel.text = "All dependencies installed: " + install.versions_text()
+            if not self.logic.board.running("versions"):
+                # Whether torch sees a GPU is asked in a child: Slicer does not import torch for it.
+                with slicer.util.tryWithErrorDisplay("Could not check the versions.", waitCursor=True):
+                    self.logic.startVersionsCheck(self._workDir())
+                    self._startPolling()
             return
         self.ui.dependencyStatusLabel.text = "Missing or incompatible: " + ", ".join(missing)
         question = (
@@ -730,7 +735,9 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          f"The full log is in {entry.log_location}.", windowTitle="AutoNNUNet")
             return
         with slicer.util.tryWithErrorDisplay(f"Could not load the {kind} result.", waitCursor=True):
-            if kind == "fingerprint":
+            if kind == "versions":
+                self.ui.dependencyStatusLabel.text = "All dependencies installed: " + view.versions_from_log(entry.log)
+            elif kind == "fingerprint":
                 self.ui.fingerprintTextEdit.setPlainText(view.summary_from_log(entry.log))
             elif kind == "model":
                 if context.model_dir is not None:  # an import: use the imported model

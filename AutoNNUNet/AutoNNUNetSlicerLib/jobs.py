@@ -333,6 +333,37 @@ def start_prediction(work_dir, model_dir, inputs: Sequence[Any], *, device: str 
     return _start(job_dir, [step], python, env), context
 
 
+#: What the versions check prints (one line the module finds in the job's log).
+VERSIONS_MARK = "AUTONNUNET_VERSIONS "
+_VERSIONS_CODE = f"""
+import importlib.metadata as metadata, json
+found = {{}}
+for name in ("torch", "nnunetv2", "neural-pipeline-search"):
+    try:
+        found[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+        found[name] = None
+try:
+    import torch
+    found["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    found["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+except Exception as error:
+    found["error"] = f"{{type(error).__name__}}: {{error}}"
+print({VERSIONS_MARK!r} + json.dumps(found), flush=True)
+"""
+
+
+def start_versions_check(work_dir, *, python: Optional[str] = None, env: Optional[dict] = None):
+    """Which torch (and GPU), nnunetv2 and NePS the jobs will use: asked in a child, so Slicer
+    never imports torch to find out."""
+    from AutoNNUNetLib.jobs.spec import Step
+
+    work_dir = Path(work_dir).resolve()
+    python = python or python_executable()
+    step = Step(name="versions", command=[python, "-c", _VERSIONS_CODE], message="check the installed versions")
+    return _start(job_folder(work_dir, "versions"), [step], python, env), JobContext("versions", work_dir)
+
+
 def imported_model_dir(dest) -> Optional[Path]:
     """The model folder an import put below ``dest`` (``DatasetNNN_Name/<trainer>__<plans>__<config>``)."""
     from AutoNNUNetLib.jobs.builtins import find_model_dir

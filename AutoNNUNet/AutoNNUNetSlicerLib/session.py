@@ -60,6 +60,10 @@ class ModuleSession:
         job, context = modulejobs.start_remote_search(workDir, settings, url, token)
         return self.board.add("search", job, context)
 
+    def startVersionsCheck(self, workDir: Path):
+        job, context = modulejobs.start_versions_check(workDir)
+        return self.board.add("versions", job, context)
+
     def startModelExport(self, workDir: Path, modelDir: Path, zipPath: Path):
         job, context = modulejobs.start_model_export(workDir, modelDir, zipPath)
         return self.board.add("model", job, context)

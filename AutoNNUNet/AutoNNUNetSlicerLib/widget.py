@@ -192,3 +192,23 @@ def button_states(facts: PanelFacts) -> dict[str, bool]:
         "exportModelButton": facts.model and "model" not in facts.running,
         "importModelButton": "model" not in facts.running,
     }
+
+
+def versions_from_log(text: str, mark: str = "AUTONNUNET_VERSIONS ") -> str:
+    """``torch 2.6.0 (CUDA: NVIDIA A100), nnunetv2 2.8.1, NePS 0.17.0`` from a versions check's log."""
+    line = next((line for line in text.splitlines() if line.startswith(mark)), None)
+    if line is None:
+        return "Could not read the installed versions (see the job's log)."
+    try:
+        found = json.loads(line[len(mark):])
+    except ValueError:
+        return "Could not read the installed versions (see the job's log)."
+    torch = found.get("torch") or "missing"
+    if found.get("cuda"):
+        torch += " (CUDA: " + ", ".join(found["cuda"]) + ")"
+    elif found.get("mps"):
+        torch += " (Apple MPS)"
+    elif found.get("torch"):
+        torch += " (CPU only)" if not found.get("error") else f" (cannot load: {found['error']})"
+    return (f"torch {torch}, nnunetv2 {found.get('nnunetv2') or 'missing'}, "
+            f"NePS {found.get('neural-pipeline-search') or 'missing'}")

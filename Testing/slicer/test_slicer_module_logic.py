@@ -518,3 +518,19 @@ def test_test_connection_to_a_closed_port_fails_within_seconds():
     with pytest.raises(AutoNNUNetError):
         call.result()
     assert time.monotonic() - started < 15
+
+
+def test_the_versions_check_runs_in_a_child_and_reads_back(tmp_path):
+    job, context = modulejobs.start_versions_check(tmp_path, python=sys.executable)
+    board = modulejobs.JobBoard()
+    board.add("versions", job, context)
+    entry = board.wait("versions", timeout=180, interval=0.2)
+    assert entry.state == JobState.SUCCEEDED, entry.log
+    text = widget.versions_from_log(entry.log)
+    import importlib.metadata
+
+    assert text.startswith(f"torch {importlib.metadata.version('torch')} (")  # with what it runs on
+    assert f"nnunetv2 {importlib.metadata.version('nnunetv2')}" in text
+    assert widget.versions_from_log('AUTONNUNET_VERSIONS {"torch": "2.6.0", "cuda": ["A100"], "nnunetv2": "2.8.1"}') \
+        == "torch 2.6.0 (CUDA: A100), nnunetv2 2.8.1, NePS missing"
+    assert "Could not" in widget.versions_from_log("nothing here")
