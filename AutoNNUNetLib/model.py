@@ -24,7 +24,6 @@ only then moves the extracted folder into place.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Optional, Sequence, Union
 
+from .archives import DEFAULT_MAX_RATIO, DEFAULT_MIN_FREE_BYTES, ArchiveError, Member, inspect_archive, safe_extract
 from .errors import AutoNNUNetError
+from .files import sha256_file
 from .workspace import DATASET_NAME_RE, PLANS_NAME, STOCK_TRAINER
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,12 @@ class ModelInfo:
     configuration: str
     trainer_name: str
     folds: list[Union[int, str]] = field(default_factory=list)
+    channel_names: list[str] = field(default_factory=list)  # in the model's channel order
+    labels: dict[str, Any] = field(default_factory=dict)    # dataset.json's class name -> value
+    file_ending: str = ".nii.gz"
+    record: dict = field(default_factory=dict)              # autonnunet.json ({} for stock models)
+    #: Whether the checkpoints were opened and checked (False: read from the JSON files only).
+    checkpoints_checked: bool = False
 
     @property
     def folder_name(self) -> str:
@@ -103,52 +110,103 @@ def available_folds(model_dir: PathLike, checkpoint: str = CHECKPOINT_NAME) -> l
 # Validation
 
 
+def _read_json_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelError(f"{path}: missing (a model folder needs {', '.join(REQUIRED_FILES)})")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return document
+
+
+def _requested_folds(model_dir: Path, folds: Optional[Sequence[Union[int, str]]],
+                     checkpoint: str) -> list[Union[int, str]]:
+    present = available_folds(model_dir, checkpoint)
+    if folds is None:
+        if not present:
+            raise ModelError(f"{model_dir}: no fold_N/{checkpoint} (the trained weights are missing)")
+        return present
+    wanted = [f if f == "all" else int(f) for f in folds]
+    for fold in wanted:
+        if fold not in present:
+            raise ModelError(f"{model_dir / f'fold_{fold}' / checkpoint}: missing")
+    return wanted
+
+
+def read_model_info(
+    model_dir: PathLike,
+    folds: Optional[Sequence[Union[int, str]]] = None,
+    checkpoint: str = CHECKPOINT_NAME,
+) -> ModelInfo:
+    """Describe a model folder from its JSON files alone (no torch import, no checkpoint opened).
+
+    What a remote-only user needs to show a model collected from the server (whose checkpoints the
+    server has checked): dataset, configuration, channels, classes, folds, our record. The
+    configuration and trainer come from the folder name ``<trainer>__<plans>__<configuration>``
+    when it has that form, else from the record and the plans.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir}: not a folder")
+    plans = _read_json_file(model_dir / "plans.json")
+    dataset = _read_json_file(model_dir / "dataset.json")
+    if not isinstance(plans.get("configurations"), dict):
+        raise ModelError(f"{model_dir / 'plans.json'}: no 'configurations' entry; not an nnU-Net plans file")
+    record = load_record(model_dir)
+    parts = model_dir.name.split("__")
+    trainer_name, configuration = STOCK_TRAINER, str(record.get("configuration") or "")
+    if len(parts) == 3 and parts[2] in plans["configurations"]:
+        trainer_name, configuration = parts[0], parts[2]
+    if configuration not in plans["configurations"]:
+        configuration = "3d_fullres" if "3d_fullres" in plans["configurations"] else next(iter(plans["configurations"]))
+    channels = dataset.get("channel_names") or dataset.get("modality") or {}
+    try:
+        channel_names = [str(channels[k]) for k in sorted(channels, key=lambda key: int(key))]
+    except (TypeError, ValueError):
+        raise ModelError(f"{model_dir / 'dataset.json'}: channel_names must map channel numbers to names") from None
+    return ModelInfo(
+        model_dir=model_dir,
+        dataset_name=str(plans.get("dataset_name", "")),
+        plans_name=str(plans.get("plans_name", PLANS_NAME)),
+        configuration=configuration,
+        trainer_name=trainer_name,
+        folds=_requested_folds(model_dir, folds, checkpoint),
+        channel_names=channel_names,
+        labels=dict(dataset.get("labels") or {}),
+        file_ending=str(dataset.get("file_ending", ".nii.gz")),
+        record=record,
+    )
+
+
 def inspect_model(
     model_dir: PathLike,
     folds: Optional[Sequence[Union[int, str]]] = None,
     checkpoint: str = CHECKPOINT_NAME,
     trust_checkpoint: bool = False,
+    check_checkpoints: bool = True,
 ) -> ModelInfo:
     """Check that a model folder is complete and loadable by stock nnU-Net; describe it.
 
     Checks: ``plans.json`` and ``dataset.json`` are present and valid JSON; each requested fold
     (default: all present, at least one) has ``checkpoint``; each checkpoint holds network weights,
     names a trainer class that ships with nnU-Net (a custom name would need the trainer's code on
-    the user's machine) and a configuration the plans contain.
+    the user's machine) and a configuration the plans contain. With ``check_checkpoints=False``
+    only the JSON files are read (:func:`read_model_info`; no torch needed).
 
     Checkpoints are opened with ``torch.load(weights_only=True)`` (tensors, numbers, strings and
     numpy scalars only), so inspecting an archive from elsewhere cannot run code. Pass
     ``trust_checkpoint=True`` for checkpoints that legitimately hold other objects.
     """
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ModelError(f"{model_dir}: not a folder")
-    documents: dict[str, dict] = {}
-    for name in REQUIRED_FILES:
-        path = model_dir / name
-        if not path.is_file():
-            raise ModelError(f"{path}: missing (a model folder needs {', '.join(REQUIRED_FILES)})")
-        try:
-            documents[name] = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ModelError(f"{path}: not valid JSON ({error})") from error
-    plans = documents["plans.json"]
-    if not isinstance(plans.get("configurations"), dict):
-        raise ModelError(f"{model_dir / 'plans.json'}: no 'configurations' entry; not an nnU-Net plans file")
-
-    present = available_folds(model_dir, checkpoint)
-    if folds is None:
-        folds = present
-        if not folds:
-            raise ModelError(f"{model_dir}: no fold_N/{checkpoint} (the trained weights are missing)")
-    else:
-        folds = [f if f == "all" else int(f) for f in folds]
-        for fold in folds:
-            if fold not in present:
-                raise ModelError(f"{model_dir / f'fold_{fold}' / checkpoint}: missing")
-
+    info = read_model_info(model_dir, folds, checkpoint)
+    if not check_checkpoints:
+        return info
+    model_dir = info.model_dir
+    plans = _read_json_file(model_dir / "plans.json")
     configuration = trainer_name = None
-    for fold in folds:
+    for fold in info.folds:
         path = model_dir / f"fold_{fold}" / checkpoint
         content = _load_checkpoint(path, trust_checkpoint)
         if not isinstance(content, dict) or "network_weights" not in content:
@@ -168,15 +226,9 @@ def inspect_model(
         if configuration is not None and (config_name, name) != (configuration, trainer_name):
             raise ModelError(f"{path}: trained as {name}/{config_name}, other folds as {trainer_name}/{configuration}")
         configuration, trainer_name = config_name, name
-
-    return ModelInfo(
-        model_dir=model_dir,
-        dataset_name=str(plans.get("dataset_name", "")),
-        plans_name=str(plans.get("plans_name", PLANS_NAME)),
-        configuration=str(configuration),
-        trainer_name=str(trainer_name),
-        folds=list(folds),
-    )
+    info.configuration, info.trainer_name = str(configuration), str(trainer_name)
+    info.checkpoints_checked = True
+    return info
 
 
 def is_stock_trainer(name: str) -> bool:
@@ -204,7 +256,10 @@ def _load_checkpoint(path: Path, trust: bool) -> Any:
     import torch
 
     if trust:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # garbage, a truncated file: torch raises many types
+            raise ModelError(f"{path}: not a readable checkpoint, truncated or corrupt ({_last_line(error)})") from None
     # nnU-Net's logs in the checkpoint hold numpy scalars; allow those, and nothing executable.
     core = getattr(np, "_core", None) or np.core
     allowed: list[Any] = [core.multiarray.scalar, np.dtype]
@@ -215,11 +270,18 @@ def _load_checkpoint(path: Path, trust: bool) -> Any:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        if not zipfile.is_zipfile(path):  # torch writes zip files: this one is cut short or not one
+            raise ModelError(f"{path}: not a readable checkpoint, truncated or corrupt ({_last_line(error)})") from None
         raise ModelError(
-            f"{path}: cannot be read as a plain checkpoint ({first_line}); if you trust its source, "
+            f"{path}: cannot be read as a plain checkpoint ({_last_line(error)}); if you trust its source, "
             f"import it with trust_checkpoint=True / --trust-checkpoint"
-        ) from error
+        ) from None
+
+
+def _last_line(error: Exception) -> str:
+    """The informative line of a torch error (its messages are long and end with the reason)."""
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,84 +335,73 @@ def export_model(
     return zip_path
 
 
-def sha256_file(path: PathLike) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------------
 # Import
 
 
 def import_model(
-    zip_path: PathLike, dest_dir: PathLike, overwrite: bool = False, trust_checkpoint: bool = False
+    zip_path: PathLike, dest_dir: PathLike, overwrite: bool = False, trust_checkpoint: bool = False,
+    max_ratio: float = DEFAULT_MAX_RATIO, min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
 ) -> Path:
     """Validate and extract a model archive; return the model folder.
 
     The model lands in ``dest_dir/DatasetNNN_Name/<trainer>__<plans>__<configuration>``, so
     ``dest_dir`` can serve directly as ``nnUNet_results``. Accepts archives from
     :func:`export_model` and ``nnUNetv2_export_model_to_zip`` (one model folder per archive).
-    If ``<zip_path>.sha256`` exists, the archive must match it. Nothing is left in ``dest_dir``
-    unless everything checks out: extraction goes to a temporary folder inside ``dest_dir`` that
-    is renamed into place at the end.
+    If ``<zip_path>.sha256`` exists, the archive must match it. Members follow the one
+    safe-extraction rule (:mod:`AutoNNUNetLib.archives`: no escaping names or links, an
+    expansion and free-space limit). Nothing is left in ``dest_dir`` unless everything checks
+    out: extraction goes to a temporary folder inside ``dest_dir`` that is renamed into place.
     """
     zip_path = Path(zip_path)
     dest_dir = Path(dest_dir)
     if not zip_path.is_file():
         raise ModelError(f"{zip_path}: no such file")
+    if dest_dir.exists() and not dest_dir.is_dir():
+        raise ModelError(f"{dest_dir}: exists and is not a folder; give a folder to import the model into")
     _check_sidecar(zip_path)
+    if not zipfile.is_zipfile(zip_path):
+        raise ModelError(f"{zip_path}: not a zip archive (a model archive is written by export-model)")
     try:
-        archive = zipfile.ZipFile(zip_path)
-    except zipfile.BadZipFile as error:
-        raise ModelError(f"{zip_path}: not a zip archive ({error})") from error
+        _, members = inspect_archive(zip_path)
+    except ArchiveError as error:
+        raise ModelError(f"{zip_path}: {error}; refusing to extract this archive") from None
+    names = [m.path for m in members if not m.is_dir]
+    model_prefix = _find_model_prefix(zip_path, names)
 
-    with archive:
-        entries = [entry for entry in archive.infolist() if not entry.is_dir()]
-        for entry in archive.infolist():
-            _check_member(zip_path, entry)
-        names = [PurePosixPath(entry.filename) for entry in entries]
-        if len(set(names)) != len(names):
-            raise ModelError(f"{zip_path}: duplicate member names")
-        model_prefix = _find_model_prefix(zip_path, names)
+    def target(member: Member) -> Optional[PurePosixPath]:
+        # Only the model's own files: other files of a stock export (another configuration's
+        # logs, plots) are left in the archive.
+        if member.is_dir or model_prefix not in member.path.parents:
+            return None
+        relative = member.path.relative_to(model_prefix)
+        return PurePosixPath("model", relative) if _wanted(relative) else None
 
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".import-", dir=dest_dir))
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".import-", dir=dest_dir))
+    try:
         try:
-            extracted = staging / "model"
-            extracted.mkdir()
-            for entry, name in zip(entries, names):
-                if model_prefix not in name.parents:
-                    continue  # other files of a stock export (another configuration's logs, ...)
-                relative = name.relative_to(model_prefix)
-                if not _wanted(relative):
-                    continue
-                target = extracted.joinpath(*relative.parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    with archive.open(entry) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
-                except zipfile.BadZipFile as error:  # CRC mismatch: a damaged download
-                    raise ModelError(f"{zip_path}: member {entry.filename} is corrupt ({error})") from error
-            _require_files(zip_path, model_prefix, extracted)
-            try:
-                info = inspect_model(extracted, trust_checkpoint=trust_checkpoint)
-            except ModelError as error:
-                # Name the archive member rather than the temporary path.
-                raise ModelError(str(error).replace(str(extracted), f"{zip_path}:{model_prefix}")) from error
-            dataset_name = info.dataset_name if DATASET_NAME_RE.match(info.dataset_name) else "Dataset999_AutoNNUNet"
-            final = dest_dir / dataset_name / info.folder_name
-            if final.exists() or final.is_symlink():
-                if not overwrite:
-                    raise ModelError(f"{final}: already exists (pass overwrite=True / --overwrite to replace it)")
-                _remove(final)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(extracted, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            safe_extract(zip_path, staging, max_ratio=max_ratio, min_free_bytes=min_free_bytes, target=target)
+        except ArchiveError as error:
+            raise ModelError(f"{zip_path}: {error}") from None
+        extracted = staging / "model"
+        extracted.mkdir(exist_ok=True)
+        _require_files(zip_path, model_prefix, extracted)
+        try:
+            info = inspect_model(extracted, trust_checkpoint=trust_checkpoint)
+        except ModelError as error:
+            # Name the archive member rather than the temporary path.
+            raise ModelError(str(error).replace(str(extracted), f"{zip_path}:{model_prefix}")) from None
+        dataset_name = info.dataset_name if DATASET_NAME_RE.match(info.dataset_name) else "Dataset999_AutoNNUNet"
+        final = dest_dir / dataset_name / info.folder_name
+        if final.exists() or final.is_symlink():
+            if not overwrite:
+                raise ModelError(f"{final}: already exists (pass overwrite=True / --overwrite to replace it)")
+            _remove(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(extracted, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     logger.info("imported %s to %s", zip_path, final)
     return final
 
@@ -366,26 +417,6 @@ def _check_sidecar(zip_path: Path) -> None:
     actual = sha256_file(zip_path)
     if actual != expected:
         raise ModelError(f"{zip_path}: SHA-256 {actual} does not match {sidecar.name} ({expected}); damaged download?")
-
-
-def _check_member(zip_path: Path, entry: zipfile.ZipInfo) -> None:
-    """Reject members that would land outside the destination or are not plain files."""
-    name = entry.filename
-    problem = None
-    if "\\" in name or "\x00" in name:
-        problem = "has a backslash or NUL in its name"
-    elif name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        problem = "is an absolute path"
-    elif ".." in PurePosixPath(name).parts:
-        problem = "contains '..' (path traversal)"
-    else:
-        mode = entry.external_attr >> 16
-        if entry.create_system == 3 and mode and stat.S_ISLNK(mode):
-            problem = "is a symbolic link"
-        elif entry.create_system == 3 and mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            problem = "is not a regular file"
-    if problem:
-        raise ModelError(f"{zip_path}: member {name!r} {problem}; refusing to extract this archive")
 
 
 def _find_model_prefix(zip_path: Path, names: Sequence[PurePosixPath]) -> PurePosixPath:
