@@ -345,33 +345,10 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         qt.QSettings().setValue(SETTINGS_JOBS, json.dumps([r for r in records if r]))
 
     def _reattachJobs(self) -> None:
-        """Pick up the jobs that ran when Slicer last closed: local ones from their folder (their
-        first poll replays the progress), remote ones from the runner (off the UI thread)."""
-        try:
-            records = json.loads(str(qt.QSettings().value(SETTINGS_JOBS, "[]")) or "[]")
-        except ValueError:
-            records = []
-        for record in records:
-            kind = record.get("kind")
-            if not kind or self.logic.board.running(kind):
-                continue
-            if record.get("remote"):
-                token = self.ui.remoteTokenLineEdit.text.strip()
-
-                def attached(result, kind=kind) -> None:
-                    if isinstance(result, Exception):
-                        self._appendLog(f"Could not find the remote {kind} again: {result}")
-                    elif not self.logic.board.running(kind):
-                        self.logic.board.add(kind, *result)
-                        self._appendLog(f"Watching the remote {kind} {result[0].job_id} again.")
-
-                self._runInBackground("reattach", lambda record=record, token=token: modulejobs.reattach_remote(
-                    record, token), attached)
-                continue
-            found = modulejobs.reattach_local(record)
-            if found is not None:
-                self.logic.board.add(kind, *found)
-                self._appendLog(f"Watching the {kind} in {record['job_dir']} again.")
+        """Pick up the jobs that ran when Slicer last closed (see jobs.reattach_all)."""
+        records = modulejobs.parse_job_records(str(qt.QSettings().value(SETTINGS_JOBS, "[]")))
+        modulejobs.reattach_all(self.logic.board, records, self.ui.remoteTokenLineEdit.text.strip(),
+                                background=self._runInBackground, log=self._appendLog)
         if self.logic.board.jobs:
             self._startPolling()
 

@@ -444,3 +444,39 @@ def reattach_remote(record: dict, token: str):
     download_dir = Path(record["download_dir"])
     job = RemoteJob.attach(remote_client(record["url"], token), record["job_id"], download_dir=download_dir)
     return job, JobContext(record["kind"], Path(record["work_dir"]), download_dir=download_dir, remote=True)
+
+
+def parse_job_records(text: str) -> list[dict]:
+    """The records Slicer's settings keep (anything unreadable is no record)."""
+    import json
+
+    try:
+        records = json.loads(text or "[]")
+    except ValueError:
+        return []
+    return [r for r in records if isinstance(r, dict) and r.get("kind")] if isinstance(records, list) else []
+
+
+def reattach_all(board: JobBoard, records: Sequence[dict], token: str, *, background, log) -> None:
+    """Add the recorded jobs to ``board`` again: local ones now, from their folder (their first
+    poll replays the progress); remote ones through ``background(name, function, on_done)``,
+    since finding them calls the server. ``log`` gets one line per job found (or not)."""
+    for record in records:
+        kind = record["kind"]
+        if board.running(kind):
+            continue
+        if not record.get("remote"):
+            found = reattach_local(record)
+            if found is not None:
+                board.add(kind, *found)
+                log(f"Watching the {kind} in {record['job_dir']} again.")
+            continue
+
+        def attached(result, kind=kind) -> None:
+            if isinstance(result, Exception):
+                log(f"Could not find the remote {kind} again: {result}")
+            elif not board.running(kind):
+                board.add(kind, *result)
+                log(f"Watching the remote {kind} {result[0].job_id} again.")
+
+        background("reattach", lambda record=record: reattach_remote(record, token), attached)

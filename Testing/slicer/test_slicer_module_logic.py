@@ -342,14 +342,18 @@ def test_a_restarted_module_finds_its_local_job_again_from_the_record(tmp_path):
     job.wait(timeout=120)  # Slicer was closed meanwhile; the job ended on its own
 
     restarted = modulejobs.JobBoard()
-    found = modulejobs.reattach_local(json.loads(json.dumps(record)))
-    assert found is not None
-    again = restarted.add("fingerprint", *found)
+    lines: list = []
+    records = modulejobs.parse_job_records(json.dumps([record, {"kind": "search", "remote": False,
+                                                                "job_dir": str(tmp_path / "gone"), "work_dir": "."}]))
+    modulejobs.reattach_all(restarted, records, "", background=None, log=lines.append)
+    assert list(restarted.jobs) == ["fingerprint"] and lines == [f"Watching the fingerprint in {job.job_dir} again."]
+    again = restarted.get("fingerprint")
     restarted.wait("fingerprint", timeout=60, interval=0.1)
     assert again.state == JobState.FAILED and "dataset" in again.log.lower()
     assert again.context.work_dir == tmp_path.resolve()
     assert modulejobs.job_record(again) is None  # ended: nothing left to find again
     assert modulejobs.reattach_local({**record, "job_dir": str(tmp_path / "gone")}) is None
+    assert modulejobs.parse_job_records("garbage") == [] and modulejobs.parse_job_records('[{"x": 1}]') == []
 
 
 class StoppableJob(FakeJob):
