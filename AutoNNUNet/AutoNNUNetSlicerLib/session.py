@@ -43,34 +43,41 @@ class ModuleSession:
 
     # -- jobs ------------------------------------------------------------------------------------
 
+    def _free(self, kind: str) -> None:
+        """Refuse before starting anything: a second job of a kind would be started and lost."""
+        if self.board.running(kind):
+            raise RuntimeError(f"a {kind} job is already running")
+
     def startFingerprint(self, workDir: Path, summaryOnly: bool = False):
+        self._free("fingerprint")
         job, context = modulejobs.start_fingerprint(workDir, summary_only=summaryOnly)
         return self.board.add("fingerprint", job, context)
 
     def startSearch(self, workDir: Path, settings, resume: bool = False):
         """A local search in a child process; ``resume`` continues the existing search folder."""
-        if self.board.running("search"):
-            raise RuntimeError("a search is already running")
+        self._free("search")
         job, context = modulejobs.start_search(workDir, settings, resume=resume)
         return self.board.add("search", job, context)
 
     def startRemoteSearch(self, workDir: Path, settings, url: str, token: str):
-        if self.board.running("search"):
-            raise RuntimeError("a search is already running")
+        self._free("search")
         job, context = modulejobs.start_remote_search(workDir, settings, url, token)
         return self.board.add("search", job, context)
 
     def startVersionsCheck(self, workDir: Path):
+        self._free("versions")
         job, context = modulejobs.start_versions_check(workDir)
         return self.board.add("versions", job, context)
 
     def startModelExport(self, workDir: Path, modelDir: Path, zipPath: Path):
+        self._free("model")
         job, context = modulejobs.start_model_export(workDir, modelDir, zipPath)
         return self.board.add("model", job, context)
 
     def startModelImport(self, workDir: Path, zipPath: Path, dest: Optional[Path] = None):
         """Unpack and check a model zip in a child (a remote search's model too: Slicer itself
         never loads torch for it)."""
+        self._free("model")
         job, context = modulejobs.start_model_import(workDir, zipPath, dest=dest)
         return self.board.add("model", job, context)
 
@@ -78,6 +85,7 @@ class ModuleSession:
                         mirroring: bool = False, largestComponent: bool = False, outputSegmentation=None,
                         show3d: bool = True, folds=None):
         """Write the input channels (exact geometry) and segment them in a child process."""
+        self._free("predict")
         expected = scenelogic.model_channel_names(modelDir)
         if expected and len(expected) != len(volumeNodes):
             raise ValueError(f"the model expects {len(expected)} channel(s) ({', '.join(expected)}), got {len(volumeNodes)}")

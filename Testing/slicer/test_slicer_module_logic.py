@@ -538,3 +538,13 @@ def test_the_versions_check_runs_in_a_child_and_reads_back(tmp_path):
     assert widget.versions_from_log('AUTONNUNET_VERSIONS {"torch": "2.6.0", "cuda": ["A100"], "nnunetv2": "2.8.1"}') \
         == "torch 2.6.0 (CUDA: A100), nnunetv2 2.8.1, NePS missing"
     assert "Could not" in widget.versions_from_log("nothing here")
+
+
+def test_a_second_job_of_a_kind_is_refused_before_it_starts(tmp_path):
+    from AutoNNUNetSlicerLib.session import ModuleSession
+
+    session = ModuleSession()
+    session.board.add("fingerprint", FakeJob(), modulejobs.JobContext("fingerprint", tmp_path))
+    with pytest.raises(RuntimeError, match="already running"):
+        session.startFingerprint(tmp_path)
+    assert not (tmp_path / "jobs").exists()  # nothing was started or written
