@@ -12,7 +12,7 @@ included:
   runs trained.
 
 :func:`plan_budget` also lays out how many trials per rung that buys (NePS's Hyperband brackets
-in NePS's order, whole brackets first), which is what the estimate shows. :func:`estimate_search`
+in NePS's order, trial by trial), which is what the estimate shows. :func:`estimate_search`
 measures F's cost with a short probe training of the default configuration and turns the plan
 into time: "about 3h 10m on cpu; 1 F = 48m 00s".
 """
@@ -50,15 +50,6 @@ class BudgetPlan:
         return data
 
 
-def _bracket_cost(layout: dict[int, int], rungs: dict[int, int]) -> int:
-    """Epochs one successive-halving bracket trains: its base rung fresh, promotions continue."""
-    cost, previous = 0, 0
-    for rung in sorted(layout):
-        cost += layout[rung] * (rungs[rung] - previous)
-        previous = rungs[rung]
-    return cost
-
-
 def plan_budget(budget: Optional[float], min_epochs: int, max_epochs: int, eta: int, *,
                 prior_first: bool = True, layout: Optional[tuple[dict[int, int], list[dict[int, int]]]] = None
                 ) -> BudgetPlan:
@@ -84,22 +75,25 @@ def plan_budget(budget: Optional[float], min_epochs: int, max_epochs: int, eta: 
     left = search - prior_epochs
     counts = {r: 0 for r in rungs}
     spent = 0
-    # Whole brackets in NePS's order, cycling, while they fit; then fresh trials at the lowest rung.
-    while brackets:
-        added = False
+    # NePS's order, trial by trial: a bracket's base rung fills first, then its promotions, then the
+    # next bracket (cycling). The runner stops at the first trial that does not fit, so does this.
+    fits = bool(brackets)
+    while fits:
         for bracket in brackets:
-            cost = _bracket_cost(bracket, rungs)
-            if spent + cost <= left:
-                for rung, n in bracket.items():
-                    counts[rung] += n
-                spent += cost
-                added = True
-        if not added:
-            break
-    lowest = min(rungs)
-    extra = (left - spent) // rungs[lowest]
-    counts[lowest] += int(extra)
-    spent += int(extra) * rungs[lowest]
+            previous = 0
+            for rung in sorted(bracket):
+                cost = rungs[rung] - previous
+                for _ in range(bracket[rung]):
+                    if spent + cost > left:
+                        fits = False
+                        break
+                    counts[rung] += 1
+                    spent += cost
+                if not fits:
+                    break
+                previous = rungs[rung]
+            if not fits:
+                break
     if prior_first:
         top = max(rungs)
         counts[top] += 1

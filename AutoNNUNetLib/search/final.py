@@ -91,8 +91,10 @@ def finish_search(root: Union[str, Path], *, progress: Optional[ProgressCallback
     results = collect_results(root, state="finished")
     F = int(settings.max_epochs)
     plan = plan_for(settings)
+    previous = results.final or {}
+    spent_before = int(previous.get("epochs_trained_total") or 0)  # finals of earlier runs of this search
     used = int(results.budget["epochs_used"])
-    affordable = (plan.total_epochs - used) if plan.budget is not None else None
+    affordable = (plan.total_epochs - used - spent_before) if plan.budget is not None else None
     chosen = choose_winner(results.trials, F, list(settings.folds), affordable)
     if chosen is None:
         return results
@@ -100,8 +102,8 @@ def finish_search(root: Union[str, Path], *, progress: Optional[ProgressCallback
     emit = fanout(EventWriter(root / EVENTS_NAME), progress)
     default = _configurations(results.trials, list(settings.folds)).get(config_key(TrialConfig().to_dict()))
     final: dict[str, Any] = {"config": winner["config"], "compared_at": level, "epochs": F,
-                             "trial_id": winner["dice"][level][1], "is_default": winner is default}
-    previous = results.final or {}
+                             "trial_id": winner["dice"][level][1], "is_default": winner is default,
+                             "epochs_trained_total": spent_before}
     if F in winner["dice"]:
         dice, trial_id = winner["dice"][F]
         final.update(mean_dice=dice, from_trial=trial_id, epochs_trained=0,
@@ -121,7 +123,7 @@ def finish_search(root: Union[str, Path], *, progress: Optional[ProgressCallback
                      epochs_trained=F - start, resumed_from_epoch=start, model_dir=str(target),
                      train_seconds=float(result.train_seconds),
                      train_seconds_added=max(0.0, float(result.train_seconds) - before),
-                     seconds_per_epoch=float(result.train_seconds) / F)
+                     seconds_per_epoch=float(result.train_seconds) / F, epochs_trained_total=spent_before + F - start)
     if default is not None and F in default["dice"]:
         final["default_dice"] = default["dice"][F][0]
         final["default_trial"] = default["dice"][F][1]

@@ -195,7 +195,7 @@ def _budget(records: list[TrialRecord], settings: SearchSettings, plan: Any, fin
             continue  # nothing was trained
         before = by_id.get(r.resumed_from) if r.resumed_from else None
         seconds += max(0.0, (r.train_seconds or 0.0) - ((before.train_seconds or 0.0) if before else 0.0))
-    final_epochs = int((final or {}).get("epochs_trained") or 0)
+    final_epochs = int((final or {}).get("epochs_trained_total") or 0)
     final_seconds = float((final or {}).get("train_seconds_added") or 0.0)
     f_epochs = int(settings.max_epochs)  # type: ignore[arg-type]
     return {

@@ -87,8 +87,9 @@ class SearchSettings:
     max_epochs: Optional[int] = None
     eta: Optional[int] = None
     prior_confidence: str = "medium"
-    #: Train nnU-Net's default configuration at full fidelity before anything else (reference).
-    prior_first: bool = False
+    #: Train nnU-Net's default configuration to F before anything else (the reference does; it is
+    #: also the default's Dice at F the final model is compared with). None: on with a ``budget``.
+    prior_first: Optional[bool] = None
     folds: list[int] = field(default_factory=lambda: [0])
     iterations_per_epoch: Optional[int] = None
     max_validation_cases: Optional[int] = None
@@ -142,8 +143,11 @@ class SearchSettings:
         self._check_integers()
         self._check_numbers()
         self._check_folds()
+        # Switched on by a budget in F (the product's promise), off otherwise; either can be forced.
         if self.portfolio is None:
             self.portfolio = self.budget is not None
+        if self.prior_first is None:
+            self.prior_first = self.budget is not None
 
     def _check_choices(self) -> None:
         choices = {"space": SPACE_NAMES, "optimizer": OPTIMIZER_NAMES, "launcher": LAUNCHERS,
@@ -155,11 +159,9 @@ class SearchSettings:
             self.device = check_device_name(self.device)
         except AutoNNUNetError as error:
             raise SearchError(f"device: {error}") from None
-        for name in ("prior_first",):
-            if not isinstance(getattr(self, name), bool):
+        for name in ("prior_first", "portfolio"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise SearchError(f"{name}: expected true or false, got {getattr(self, name)!r}")
-        if self.portfolio is not None and not isinstance(self.portfolio, bool):
-            raise SearchError(f"portfolio: expected true or false, got {self.portfolio!r}")
         if not isinstance(self.configuration, str) or not self.configuration:
             raise SearchError(f"configuration: expected an nnU-Net configuration name, got {self.configuration!r}")
         if not isinstance(self.slurm, dict):

@@ -94,7 +94,7 @@ def run_worker(
     runner = TrialRunner(
         workspace_root=str(workspace.root), dataset_name=workspace.require_dataset(), root=str(root),
         settings=settings, worker_id=wid, session_start=session_start, stop=stop, trainer=trainer,
-        rung_epochs=sorted(plan.rungs.values()), epoch_cap=plan.search_epochs if plan.budget else None,
+        rung_epochs=sorted(plan.rungs.values()), epoch_cap=_epoch_cap(root, plan),
     )
 
     if settings.seed is not None:
@@ -131,6 +131,17 @@ def run_worker(
         return "finished" if str(stopped) in StopControl.FINISHED else "stopped"
     finally:
         stop.uninstall()
+
+
+def _epoch_cap(root: Path, plan: Any) -> Optional[int]:
+    """What the trials may train in all: the plan's, less final trainings of earlier runs."""
+    if plan.budget is None:
+        return None
+    from ..files import read_json
+    from .layout import RESULTS_NAME
+
+    final = (read_json(root / RESULTS_NAME) or {}).get("final") or {}
+    return plan.search_epochs - int(final.get("epochs_trained_total") or 0)
 
 
 def worker_entry(payload: dict[str, Any], index: int) -> str:
