@@ -184,3 +184,32 @@ def test_a_broken_plans_or_fingerprint_file_is_named(hippo_workspace, tmp_path, 
     (workspace.preprocessed_dataset / "dataset_fingerprint.json").write_text("[]")
     with pytest.raises(FingerprintError, match="dataset_fingerprint.json does not hold a JSON object"):
         summarize(workspace)
+
+
+def test_renumbered_labels_survive_planning(hippo_workspace, tmp_path):
+    """Issue 12 item 15: labels stored as 7/8 are planned as 1/2, and the mapping travels with the
+    dataset.json nnU-Net copies (into the preprocessed folder, and from there into every model)."""
+    from AutoNNUNetLib.dataset import build_dataset, source_from_pairs
+    from AutoNNUNetLib.dataset.classes import read_original_labels
+
+    raw = hippo_workspace.raw_dataset
+    rows = []
+    for label in sorted((raw / "labelsTr").glob("*.nii.gz"))[:5]:
+        case = label.name[: -len(".nii.gz")]
+        image = sitk.ReadImage(str(label))
+        stored = sitk.GetArrayFromImage(image).astype(np.int16)
+        stored[stored == 1], stored[stored == 2] = 7, 8
+        original = sitk.GetImageFromArray(stored)
+        original.CopyInformation(image)
+        sitk.WriteImage(original, str(tmp_path / f"{case}_seg.nrrd"))
+        rows.append((case, [raw / "imagesTr" / f"{case}_0000.nii.gz"], tmp_path / f"{case}_seg.nrrd"))
+    workspace = Workspace(tmp_path / "ws")
+    build_dataset(source_from_pairs(rows, classes={"background": 0, "anterior": 7, "posterior": 8}, channel_names=["MRI"]),
+                  workspace, dataset_id=12, name="Renumbered")
+    summary = plan_and_preprocess(workspace, num_processes=1)
+    assert summary.n_cases == 5
+    assert set(summary.voxels_per_class) == {"background", "anterior", "posterior"}
+    assert min(summary.voxels_per_class.values()) > 0
+    assert read_original_labels(workspace.preprocessed_dataset / "dataset.json") == {0: 0, 1: 7, 2: 8}
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(next((workspace.preprocessed_dataset / "gt_segmentations").iterdir()))))
+    assert set(np.unique(seg)) == {0, 1, 2}
