@@ -28,11 +28,18 @@ def strip_ending(name: str) -> str:
     return Path(name).stem
 
 
+#: A dataset.json of 10,000 cases is about 2 MB; anything this large is not one (nor safe to parse).
+MAX_DATASET_JSON_BYTES = 64 << 20
+
+
 def _load_json(path: Path) -> dict:
     if not path.is_file():
         raise DatasetError(f"{path} not found")
+    if path.stat().st_size > MAX_DATASET_JSON_BYTES:
+        raise DatasetError(f"{path} is {path.stat().st_size >> 20} MB; a dataset.json is far smaller")
     try:
-        data = json.loads(path.read_text())
+        # utf-8-sig: editors on Windows save JSON with a byte-order mark, which json.loads refuses.
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as error:
         raise DatasetError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(data, dict):

@@ -189,3 +189,14 @@ def test_odd_dataset_json_fields_are_one_line_errors(tmp_path) -> None:
     (folder / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DatasetError, match="modality must map channel numbers to names, got 'MRI'"):
         detect_source(folder)
+
+
+def test_dataset_json_with_a_bom_is_read_and_a_huge_one_refused(tmp_path) -> None:
+    folder = msd_folder(tmp_path / "a")
+    text = (folder / "dataset.json").read_text()
+    (folder / "dataset.json").write_text(text, encoding="utf-8-sig")  # Notepad's "UTF-8 with BOM"
+    assert len(detect_source(folder, root=folder).cases) == N_CASES
+    with open(folder / "dataset.json", "ab") as handle:
+        handle.truncate(65 << 20)  # sparse: no real disk used
+    with pytest.raises(DatasetError, match=r"dataset.json is 65 MB; a dataset.json is far smaller"):
+        detect_source(folder, root=folder)
