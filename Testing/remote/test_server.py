@@ -326,7 +326,7 @@ def test_corrupted_chunk_is_rejected_and_offsets_are_enforced(srv):
     # Random bytes pass the checksum but are not an archive.
     assert requests.post(f"{srv.api}/uploads/{record['id']}/complete", headers=auth(srv.alice)).status_code == 202
     final = wait_upload(srv.api, srv.alice, record["id"])
-    assert final["state"] == "invalid" and "neither a tar nor a zip" in final["error"]
+    assert final["state"] == "invalid" and "neither a zip nor a tar" in final["error"]
 
 
 def test_whole_file_checksum_mismatch_invalidates_the_upload(srv):

@@ -1,8 +1,8 @@
 """Uploads: resumable chunked receiving, checksums, archive checks, extraction and validation.
 
 Chunks are streamed to disk at explicit offsets (nothing is held whole in memory); ``complete``
-checks the whole file's SHA-256; validation runs in a worker thread: archive members are checked
-(no absolute paths, ``..``, links or device files), extracted, and the dataset is built with the
+checks the whole file's SHA-256; validation runs in a worker thread: the archive is checked and
+extracted by the one safe-extraction rule (:mod:`AutoNNUNetLib.archives`), and the dataset is built with the
 library's validation (``autonnunet dataset``) in a child process before a job may use it.
 """
 
@@ -17,19 +17,17 @@ import logging
 import os
 import re
 import shutil
-import stat
 import subprocess
-import tarfile
 import threading
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
 
+from ...archives import ArchiveError, Member, check_expansion, extract_members, inspect_archive
 from ...files import sha256_file
-from .settings import ID_RE, IMAGE_SUFFIXES, MiB, ApiError, DataDir, ServerSettings, UploadError, _human
+from .settings import ID_RE, IMAGE_SUFFIXES, ApiError, DataDir, ServerSettings, UploadError, _human
 from .store import FINAL_JOB_STATES, Store, UploadRecord
 from .views import UploadCreate
 
@@ -52,122 +50,6 @@ def reserve_bytes(size: int) -> int:
     """Disk an upload of ``size`` bytes needs: the archive, its extracted copy and the dataset
     built from it, about three times the archive."""
     return 3 * size
-
-def _check_member_name(name: str) -> PurePosixPath:
-    if not name or "\x00" in name:
-        raise UploadError(f"archive member with an empty or invalid name: {name!r}")
-    if "\\" in name:
-        raise UploadError(f"archive member {name!r} uses backslashes; use '/' separated paths")
-    path = PurePosixPath(name)
-    if path.is_absolute() or name.startswith("/"):
-        raise UploadError(f"archive member {name!r} has an absolute path; archives must hold relative paths")
-    if any(part == ".." for part in path.parts):
-        raise UploadError(f"archive member {name!r} points outside the archive ('..')")
-    if path.parts and re.fullmatch(r"[A-Za-z]:.*", path.parts[0]):
-        raise UploadError(f"archive member {name!r} has a drive letter")
-    return PurePosixPath(*[p for p in path.parts if p != "."])
-
-
-@dataclass
-class _Member:
-    path: PurePosixPath
-    size: int
-    is_dir: bool
-    source: Any  # TarInfo or ZipInfo
-
-
-def inspect_archive(path: Path, max_members: int = 200_000) -> tuple[str, list[_Member]]:
-    """List a tar (any compression) or zip archive, refusing anything that is not a plain file or
-    folder with a safe relative name. Nothing is extracted here."""
-    members: list[_Member] = []
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-            if len(infos) > max_members:
-                raise UploadError(f"archive holds {len(infos)} members; at most {max_members} are accepted")
-            for info in infos:
-                rel = _check_member_name(info.filename)
-                # Unix file type bits, when the writer set them (many zip writers leave them 0).
-                mode = info.external_attr >> 16
-                is_dir = info.is_dir()
-                if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
-                    kind = "a symbolic link" if stat.S_ISLNK(mode) else "a special file"
-                    raise UploadError(f"archive member {info.filename!r} is {kind}; only files and folders are accepted")
-                members.append(_Member(rel, 0 if is_dir else info.file_size, is_dir, info))
-        return "zip", members
-    try:
-        archive = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as error:
-        raise UploadError(f"the upload is neither a tar nor a zip archive ({error})") from None
-    with archive:
-        try:
-            for info in archive:
-                if len(members) >= max_members:
-                    raise UploadError(f"archive holds more than {max_members} members")
-                rel = _check_member_name(info.name)
-                if info.issym() or info.islnk():
-                    raise UploadError(f"archive member {info.name!r} is a link; only files and folders are accepted")
-                if not (info.isreg() or info.isdir()):
-                    raise UploadError(f"archive member {info.name!r} is a device, FIFO or other special file")
-                members.append(_Member(rel, info.size if info.isreg() else 0, info.isdir(), info))
-        except (tarfile.TarError, EOFError, OSError) as error:
-            raise UploadError(f"the archive is damaged: {error}") from None
-    return "tar", members
-
-
-def extract_archive(path: Path, dest: Path, members: list[_Member], fmt: str) -> None:
-    """Extract checked members into ``dest`` (which must not exist).
-
-    Files are created with ``O_EXCL | O_NOFOLLOW``, so a duplicate member or anything that is
-    not a fresh regular file inside ``dest`` fails instead of being written through.
-    """
-    dest.mkdir(parents=True)
-    root = dest.resolve()
-
-    def target(rel: PurePosixPath) -> Path:
-        out = (root / Path(*rel.parts)).resolve() if rel.parts else root
-        if out != root and root not in out.parents:
-            raise UploadError(f"archive member {rel} escapes the extraction folder")
-        return out
-
-    def copy(stream: Any, out: Path, size: int) -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        written = 0
-        with os.fdopen(fd, "wb") as handle:
-            for block in iter(lambda: stream.read(MiB), b""):
-                written += len(block)
-                if written > size:  # the header lied about the size (zip bomb guard)
-                    raise UploadError(f"archive member {out.name} is larger than its header says")
-                handle.write(block)
-
-    try:
-        if fmt == "zip":
-            with zipfile.ZipFile(path) as archive:
-                for member in members:
-                    out = target(member.path)
-                    if member.is_dir:
-                        out.mkdir(parents=True, exist_ok=True)
-                        continue
-                    with archive.open(member.source) as stream:
-                        copy(stream, out, member.size)
-        else:
-            with tarfile.open(path, "r:*") as archive:
-                for member in members:
-                    out = target(member.path)
-                    if member.is_dir:
-                        out.mkdir(parents=True, exist_ok=True)
-                        continue
-                    stream = archive.extractfile(member.source)
-                    if stream is None:
-                        raise UploadError(f"archive member {member.path} cannot be read")
-                    with stream:
-                        copy(stream, out, member.size)
-    except FileExistsError as error:
-        raise UploadError(f"archive holds the same file twice: {Path(error.filename).name}") from None
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:
-        raise UploadError(f"the archive is damaged: {error}") from None
-
 
 #: Run in a child process: the dataset readers' containment check against the upload folder.
 CHECK_INSIDE = """
@@ -462,7 +344,7 @@ class UploadService:
             return
         try:
             summary = self._validate(record)
-        except UploadError as error:
+        except (UploadError, ArchiveError) as error:
             log.info("upload %s rejected: %s", upload_id, error)
             self._clear_extracted(upload_id)
             self.store.set_upload_state(upload_id, "invalid", error=str(error))
@@ -493,16 +375,11 @@ class UploadService:
     def _run_python(self, upload_id: str, code: str, *args: str) -> tuple[int, str]:
         return self._run_cli(upload_id, ["-c", code, *args], module=False)
 
-    def _check_expansion(self, record: UploadRecord, members: list["_Member"]) -> None:
-        """Refuse archives that expand beyond ``max_expansion`` times their size (zip bombs) or
-        beyond the free disk space; from the members' declared sizes, which extraction enforces."""
-        total = sum(m.size for m in members)
-        if total > self.settings.max_expansion * max(record.size, MiB):
-            raise UploadError(f"the archive expands to {_human(total)}, more than {self.settings.max_expansion:g} "
-                              "times its size; refusing it")
-        free = shutil.disk_usage(self.paths.root).free
-        if free < 2 * total + self.settings.min_free_bytes:
-            raise UploadError(f"not enough free disk space to extract {_human(total)} (free: {_human(free)})")
+    def _check_expansion(self, record: UploadRecord, members: list[Member]) -> None:
+        """The one archive rule's size limits (zip bombs, free disk) with this server's settings;
+        twice the size must fit: the extracted copy and what is built from it."""
+        check_expansion(record.size, members, self.paths.root, max_ratio=self.settings.max_expansion,
+                        min_free_bytes=self.settings.min_free_bytes, free_factor=2.0)
 
     def _validate(self, record: UploadRecord) -> dict[str, Any]:
         archive = self.paths.upload_archive(record.id)
@@ -524,7 +401,7 @@ class UploadService:
         fmt, members = inspect_archive(archive)
         self._check_expansion(record, members)
         content = self.paths.upload_content(record.id)
-        extract_archive(archive, content, members, fmt)
+        extract_members(archive, content, members, fmt)
         check_extracted(content)
         if record.kind == "images":
             folder, count = find_images_root(content)
