@@ -13,6 +13,7 @@ concept per module, in pipeline order:
 
 - :mod:`.records`: :class:`Case`, :class:`DatasetSource`, :class:`Problem`, :class:`DatasetError`
 - :mod:`.sources`: an MSD task folder, an nnU-Net raw folder, image/label pairs, a CSV of pairs
+- :mod:`.containment`: every file of a folder source stays inside it (uploads checked twice)
 - :mod:`.headers`: reading files header first; NIfTI completeness; NaN/Inf the way nnU-Net sees them
 - :mod:`.classes`: the one class-name rule and the class table
 - :mod:`.validate`: every check, before anything is written
@@ -40,7 +41,9 @@ _EXPORTS = {
     # geometry (kept importable from here: the Slicer module and older callers use it)
     "Geometry": "..imaging", "Volume": "..imaging", "GEOMETRY_TOLERANCE": "..imaging",
     # headers
-    "nonfinite_voxels": "headers",
+    "nonfinite_voxels": "headers", "nonfinite_by_channel": "headers",
+    # containment (uploads)
+    "check_inside": "containment",
     # sources
     "source_from_msd": "sources", "source_from_nnunet_raw": "sources", "source_from_pairs": "sources",
     "read_pairs_csv": "sources", "detect_source": "sources", "expand_channels": "sources",
@@ -51,7 +54,7 @@ _EXPORTS = {
     "class_rows": "classes", "parse_classes": "classes", "ORIGINAL_LABELS_KEY": "classes",
     "read_original_labels": "classes", "restore_original_labels": "classes",
     # validate and build
-    "EMPTY_LABEL": "validate", "check_source": "validate",
+    "EMPTY_LABEL": "validate", "MIN_CASES": "validate", "check_source": "validate",
     "build_dataset": "build", "label_dtype": "build",
     # CLI
     "add_commands": "cli",

@@ -736,3 +736,16 @@ def test_cli_dataset_from_pairs_csv(tmp_path: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert "5 problems in 5 cases" in err and "case patient00: label values [2] not in the class table" in err
     assert not (workdir / "nnUNet_raw/Dataset013_Csv").exists()
+
+
+def test_package_exports_resolve_lazily() -> None:
+    """Every name of ``AutoNNUNetLib.dataset.__all__`` resolves, and the bare package loads no submodule."""
+    import subprocess
+    import sys
+
+    for name in ds.__all__:
+        assert getattr(ds, name) is not None, name
+    code = ("import sys, AutoNNUNetLib.dataset; "
+            "print(sorted(m for m in sys.modules if m.startswith('AutoNNUNetLib.dataset.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
