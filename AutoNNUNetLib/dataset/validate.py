@@ -190,13 +190,13 @@ def _nonfinite(spec, header: Header, cache: FileCache, counted: dict[Path, list[
     not), once per file (``counted`` keeps the counts of a 4D file for its other channels);
     everything else through SimpleITK or the array itself. Only float data can hold them.
     """
+    if not header.is_float:
+        return 0  # integers hold no NaN (ITK reports a scaled integer NIfTI as float)
     if _is_nifti_file(spec):
         path = spec.path if isinstance(spec, ChannelFile) else spec
         if path not in counted:
             counted[path] = nonfinite_by_channel(path)
         return counted[path][spec.index] if isinstance(spec, ChannelFile) else sum(counted[path])
-    if not header.is_float:
-        return 0
     array = array_of(spec, cache)
     return int(array.size - np.count_nonzero(np.isfinite(array)))
 
