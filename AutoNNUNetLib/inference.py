@@ -33,16 +33,19 @@ import contextlib
 import io
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import AutoNNUNetError
-from .events import ProgressCallback, ProgressEvent
-from .model import CHECKPOINT_NAME, available_folds
+from .events import EventWriter, ProgressCallback, ProgressEvent
+# Re-exported: callers import the error and the folder reader from here.
+from .inference_inputs import (  # noqa: F401
+    OUTPUT_ENDINGS, PredictionError, case_channels, check_model_folder, check_output_file, check_output_folder,
+    find_cases, read_case,
+)
+from .model import CHECKPOINT_NAME
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; dataset imports SimpleITK at module level
     from .dataset import Volume
@@ -52,10 +55,6 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 #: nnU-Net readers whose array layout is SimpleITK's; in-memory input follows the same convention.
 _SITK_READERS = ("SimpleITKIO",)
-
-
-class PredictionError(AutoNNUNetError, ValueError):
-    """The model folder or the input volumes cannot be used for prediction."""
 
 
 class Predictor:
@@ -90,22 +89,8 @@ class Predictor:
         from .workspace import resolve_device
 
         self.model_dir = Path(model_dir)
-        for name in ("plans.json", "dataset.json"):
-            if not (self.model_dir / name).is_file():
-                raise PredictionError(f"{self.model_dir / name}: missing; {self.model_dir} is not a model folder")
-        present = available_folds(self.model_dir, checkpoint)
-        if folds is None:
-            folds = present
-            if not folds:
-                raise PredictionError(f"{self.model_dir}: no fold_N/{checkpoint} found")
-        else:
-            folds = [f if f == "all" else int(f) for f in folds]
-            missing = [f for f in folds if f not in present]
-            if missing:
-                raise PredictionError(
-                    f"{self.model_dir}: fold(s) {missing} have no {checkpoint} (present: {present or 'none'})"
-                )
-        self.folds: list[Union[int, str]] = list(folds)
+        self.info = check_model_folder(self.model_dir, folds, checkpoint)
+        self.folds: list[Union[int, str]] = list(self.info.folds)
         self.checkpoint = checkpoint
         self.use_mirroring = bool(use_mirroring)
         self.largest_component = bool(largest_component)
@@ -126,9 +111,15 @@ class Predictor:
                 verbose_preprocessing=False,
                 allow_tqdm=False,
             )
-            predictor.initialize_from_trained_model_folder(
-                str(self.model_dir), use_folds=tuple(self.folds), checkpoint_name=checkpoint
-            )
+            try:
+                predictor.initialize_from_trained_model_folder(
+                    str(self.model_dir), use_folds=tuple(self.folds), checkpoint_name=checkpoint
+                )
+            except Exception as error:  # a corrupt or truncated checkpoint: torch raises many types
+                files = ", ".join(str(self.model_dir / f"fold_{f}" / checkpoint) for f in self.folds)
+                text = str(error).strip().splitlines()
+                raise PredictionError(f"cannot load the model from {files}: "
+                                      f"{text[-1] if text else type(error).__name__} (truncated or corrupt?)") from None
         self._predictor = predictor
         self.dataset_json: dict = predictor.dataset_json
         self.plans: dict = predictor.plans_manager.plans
@@ -171,14 +162,10 @@ class Predictor:
         return Volume(segmentation, channels[0].geometry)
 
     def predict_file(self, inputs: Sequence[PathLike], output: PathLike) -> Path:
-        """Segment one case from image files (one per channel); write the label map to ``output``."""
-        from .dataset import Volume
-
-        paths = [Path(p) for p in inputs]
-        for path in paths:
-            if not path.is_file():
-                raise PredictionError(f"{path}: no such file")
-        volumes = [Volume.read(path) for path in paths]
+        """Segment one case from image files (one per channel, or one file holding all channels);
+        write the label map to ``output``. Inputs and output are checked before inference."""
+        output = check_output_file(output)
+        volumes = read_case(case_channels(inputs, len(self.channel_names)))
         return self.predict(volumes).write(output)
 
     def predict_folder(
@@ -192,24 +179,23 @@ class Predictor:
         Each label map is written as ``output_dir/<case><ending>``. Returns the written paths.
         """
         ending = str(self.dataset_json.get("file_ending", ".nii.gz"))
-        cases = find_cases(input_dir, ending, len(self.channel_names))
+        cases = check_folder_cases(input_dir, ending, len(self.channel_names))
+        return self.predict_cases(cases, check_output_folder(output_dir), progress)
+
+    def predict_cases(self, cases: dict[str, list], output_dir: PathLike,
+                      progress: Optional[ProgressCallback] = None) -> list[Path]:
+        """Segment checked cases (:func:`check_folder_cases`) into ``output_dir/<case><ending>``."""
+        ending = str(self.dataset_json.get("file_ending", ".nii.gz"))
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for index, (case_id, files) in enumerate(cases.items()):
+        for index, (case_id, specs) in enumerate(cases.items()):
             start = time.perf_counter()
-            written.append(self.predict_file(files, output_dir / f"{case_id}{ending}"))
+            written.append(self.predict(read_case(specs)).write(output_dir / f"{case_id}{ending}"))
             if progress is not None:
-                progress(
-                    ProgressEvent(
-                        "progress",
-                        {
-                            "fraction": (index + 1) / len(cases),
-                            "message": f"segmented {case_id}",
-                            "seconds": time.perf_counter() - start,
-                        },
-                    )
-                )
+                progress(ProgressEvent("progress", {"fraction": (index + 1) / len(cases),
+                                                    "message": f"segmented {case_id}",
+                                                    "seconds": time.perf_counter() - start}))
         return written
 
     def warmup(self) -> None:
@@ -294,39 +280,22 @@ class Predictor:
         return segmentation
 
 
-def find_cases(input_dir: PathLike, file_ending: str, n_channels: int) -> dict[str, list[Path]]:
-    """Group ``<case>_XXXX<ending>`` files of a folder by case; every case needs every channel."""
-    input_dir = Path(input_dir)
-    if not input_dir.is_dir():
-        raise PredictionError(f"{input_dir}: no such folder")
-    pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(file_ending) + r"$")
-    found: dict[str, dict[int, Path]] = {}
-    for path in sorted(input_dir.iterdir()):
-        match = pattern.match(path.name)
-        if match and path.is_file():
-            found.setdefault(match.group("case"), {})[int(match.group("channel"))] = path
-    if not found:
-        raise PredictionError(f"{input_dir}: no images named <case>_0000{file_ending}")
-    cases: dict[str, list[Path]] = {}
-    for case_id, files in sorted(found.items()):
-        missing = [c for c in range(n_channels) if c not in files]
-        if missing:
-            names = ", ".join(f"{case_id}_{c:04d}{file_ending}" for c in missing)
-            raise PredictionError(f"{input_dir}: case {case_id} lacks {names}")
-        cases[case_id] = [files[c] for c in range(n_channels)]
-    return cases
-
-
 # --------------------------------------------------------------------------------------------------
 # Command line
+
+
+def check_folder_cases(input_dir: PathLike, file_ending: str, n_channels: int) -> dict[str, list]:
+    """Every case of a folder, each checked by :func:`case_channels` (nothing written before)."""
+    return {case_id: case_channels(files, n_channels)
+            for case_id, files in find_cases(input_dir, file_ending, n_channels).items()}
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "predict",
         help="segment images with a trained model",
-        description="Segment one case (-i one file per channel, -o the label map file) or a folder of cases "
-        "in nnU-Net naming (-i FOLDER with <case>_0000.nii.gz ..., -o an output folder).",
+        description="Segment one case (-i one file per channel, or one 4D file holding them; -o the label map "
+        "file) or a folder of cases in nnU-Net naming (-i FOLDER with <case>_0000.nii.gz ..., -o an output folder).",
     )
     parser.add_argument("--model", required=True, type=Path, help="model folder (nnU-Net results layout)")
     parser.add_argument("-i", "--input", dest="inputs", nargs="+", required=True, type=Path, help="images or a folder")
@@ -336,17 +305,30 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--largest-component", action="store_true", help="keep the largest component per class")
     parser.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: all present)")
     parser.add_argument("--checkpoint", default=CHECKPOINT_NAME, help=f"checkpoint name (default {CHECKPOINT_NAME})")
+    parser.add_argument("--events", help="append progress events (JSON lines) to this file")
     parser.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from .devices import resolve_device
+    from .folds import parse_folds
+
     folds = None
     if args.folds is not None:
-        try:
-            folds = [f if f == "all" else int(f) for f in args.folds]
-        except ValueError as error:
-            raise PredictionError(f"--folds takes integers or 'all', got {args.folds}") from error
+        folds = ["all"] if [f.lower() for f in args.folds] == ["all"] else parse_folds(args.folds)
+    # Everything a file or the machine can tell is checked before the model loads (seconds).
+    info = check_model_folder(args.model, folds, args.checkpoint)
     folder_mode = len(args.inputs) == 1 and args.inputs[0].is_dir()
+    if folder_mode:
+        check_output_folder(args.output)
+        cases = check_folder_cases(args.inputs[0], info.file_ending, len(info.channel_names))
+    else:
+        check_output_file(args.output)
+        specs = case_channels(args.inputs, len(info.channel_names))
+    resolve_device(args.device)  # imports torch: after the checks files alone can answer
+    writer = EventWriter(args.events) if args.events else None
+    if writer is not None:
+        writer.emit("stage", name="predict", message=f"loading the model {args.model}")
     start = time.perf_counter()
     predictor = Predictor(
         args.model, folds=folds, device=args.device, use_mirroring=args.mirroring,
@@ -355,11 +337,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     logger.info("model loaded in %.1f s (folds %s, device %s)", time.perf_counter() - start, predictor.folds,
                 predictor.device)
     if folder_mode:
-        written = predictor.predict_folder(
-            args.inputs[0], args.output,
-            progress=lambda event: logger.info("%s (%.2f s)", event.data["message"], event.data["seconds"]),
-        )
+        def report(event: ProgressEvent) -> None:
+            logger.info("%s (%.2f s)", event.data["message"], event.data["seconds"])
+            if writer is not None:
+                writer(event)
+
+        written = predictor.predict_cases(cases, args.output, progress=report)
         print(json.dumps([str(p) for p in written]))
     else:
-        print(predictor.predict_file(args.inputs, args.output))
+        if writer is not None:
+            writer.emit("stage", name="predict", message="segmenting")
+        print(predictor.predict(read_case(specs)).write(args.output))
+    if writer is not None:
+        writer.emit("finished", state="succeeded", message="segmentation written")
     return 0
