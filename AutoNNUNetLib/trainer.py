@@ -394,9 +394,28 @@ def load_config_argument(value: Optional[str]) -> TrialConfig:
     return TrialConfig.from_dict(raw)
 
 
+def request_from_args(args: argparse.Namespace):
+    """The one train request record (:class:`~AutoNNUNetLib.jobs.params.TrainParams`) of the
+    flags: ``--request FILE`` if given, the flags overriding it; validated like a server request
+    (a seed of 2**32 or 10**30 epochs is refused before anything is loaded)."""
+    from .jobs.params import TrainParams
+
+    values = TrainParams.load(args.request).to_dict() if args.request else {}
+    for name in ("epochs", "max_epochs", "iterations_per_epoch", "seed", "device"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.folds is not None:
+        values["folds"] = "all" if [f.lower() for f in args.folds] == ["all"] else parse_folds(args.folds)
+    if "epochs" not in values:
+        raise TrainingError("give --epochs (or a --request file holding the training request)")
+    return TrainParams.from_dict(values)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    request = request_from_args(args)
     workspace = Workspace(args.workdir, args.dataset)
-    config = load_config_argument(args.config)
+    config = load_config_argument(args.config) if args.config or request.config is None \
+        else TrialConfig.from_dict(request.config)
     output = Path(args.output) if args.output else workspace.results / workspace.require_dataset() / model_dir_name()
     writer = EventWriter(args.events) if args.events else None
 
@@ -410,9 +429,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if writer is not None:
         writer.emit("stage", name="train", message=f"training {output}")
-    result = train(workspace, config, output, folds=parse_folds(args.folds), epochs=args.epochs,
-                   max_epochs=args.max_epochs, iterations_per_epoch=args.iterations_per_epoch,
-                   resume_from=args.resume_from, device=args.device, seed=args.seed, progress=report,
+    result = train(workspace, config, output, folds=parse_folds(request.folds), epochs=request.epochs,
+                   max_epochs=request.max_epochs, iterations_per_epoch=request.iterations_per_epoch or 250,
+                   resume_from=args.resume_from, device=request.device, seed=request.seed, progress=report,
                    max_validation_cases=args.max_validation_cases)
     dice = ", ".join(f"{k} {v:.4f}" for k, v in result.dice_per_class.items())
     print(f"validation Dice: {dice} (mean {result.mean_dice:.4f}); training {result.train_seconds:.1f} s")
@@ -429,14 +448,15 @@ def add_commands(subparsers) -> None:
     p.add_argument("--workdir", required=True, help="workspace folder (after `autonnunet fingerprint`)")
     p.add_argument("--dataset", help="dataset name when the workspace holds several")
     p.add_argument("--config", help="TrialConfig as JSON text or a JSON file (default: nnU-Net default)")
-    p.add_argument("--folds", nargs="+", default=["0"], help="folds to train, or 'all' (default: 0)")
-    p.add_argument("--epochs", type=int, required=True, help="epochs to train to")
+    p.add_argument("--request", help="a train request (JSON of jobs.params.TrainParams); flags override it")
+    p.add_argument("--folds", nargs="+", default=None, help="folds to train, or 'all' (default: 0)")
+    p.add_argument("--epochs", type=int, help="epochs to train to (required unless --request gives them)")
     p.add_argument("--max-epochs", type=int, help="length of the LR schedule (default: --epochs)")
-    p.add_argument("--iterations-per-epoch", type=int, default=250)
+    p.add_argument("--iterations-per-epoch", type=int, help="training iterations per epoch (default: 250)")
     p.add_argument("--resume-from", help="model folder of a lower epoch budget to continue")
     p.add_argument("--max-validation-cases", type=int, help="validate on at most this many cases per fold")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int, help="random seed, 0 to 2**32-1")
     p.add_argument("--output", help="model folder to write (default: the workspace's nnUNet_results)")
     p.add_argument("--events", help="append progress events (JSON lines) to this file")
     p.set_defaults(func=_cmd_train)

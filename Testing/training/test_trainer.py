@@ -279,3 +279,33 @@ def test_a_diverged_run_is_scored_dice_zero_with_its_reason(hippo_workspace, tmp
     assert record["diverged"] == result.diverged and record["mean_dice"] == 0.0
     summary = json.loads((output / "fold_0" / "validation" / "summary.json").read_text())
     assert summary["diverged"] == result.diverged and summary["foreground_mean"]["Dice"] == 0.0
+
+
+def test_train_command_reads_the_one_request_record(hippo_workspace, tmp_path, monkeypatch, capsys):
+    """Issue 12 item 9 for the CLI: flags and ``--request FILE`` go through TrainParams."""
+    from types import SimpleNamespace
+
+    import AutoNNUNetLib.trainer as trainer_module
+
+    calls = []
+
+    def fake_train(workspace, config, output, **kwargs):
+        calls.append((config, kwargs))
+        return SimpleNamespace(dice_per_class={"Anterior": 0.5}, mean_dice=0.5, train_seconds=1.0, diverged=None,
+                               model_dir=output)
+
+    monkeypatch.setattr(trainer_module, "train", fake_train)
+    base = ["train", "--workdir", str(hippo_workspace.root), "--output", str(tmp_path / "m")]
+    assert cli_main([*base, "--epochs", "1", "--seed", str(2 ** 32)]) == 2
+    assert "seed: must be between 0 and 4294967295" in capsys.readouterr().err
+    assert cli_main([*base, "--epochs", str(10 ** 30)]) == 2
+    assert cli_main(base) == 2 and "give --epochs" in capsys.readouterr().err
+    assert calls == []  # refused before training
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"epochs": 4, "max_epochs": 8, "folds": [1, 2], "seed": 5, "device": "cpu",
+                                   "config": {"optimizer": "Adam"}}))
+    assert cli_main([*base, "--request", str(request), "--epochs", "3"]) == 0
+    (config, kwargs), = calls
+    assert config.optimizer == "Adam"
+    assert (kwargs["epochs"], kwargs["max_epochs"], kwargs["folds"], kwargs["seed"], kwargs["device"],
+            kwargs["iterations_per_epoch"]) == (3, 8, [1, 2], 5, "cpu", 250)
