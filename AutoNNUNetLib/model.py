@@ -342,6 +342,7 @@ def export_model(
 def import_model(
     zip_path: PathLike, dest_dir: PathLike, overwrite: bool = False, trust_checkpoint: bool = False,
     max_ratio: float = DEFAULT_MAX_RATIO, min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
+    check_checkpoints: bool = True,
 ) -> Path:
     """Validate and extract a model archive; return the model folder.
 
@@ -352,6 +353,8 @@ def import_model(
     safe-extraction rule (:mod:`AutoNNUNetLib.archives`: no escaping names or links, an
     expansion and free-space limit). Nothing is left in ``dest_dir`` unless everything checks
     out: extraction goes to a temporary folder inside ``dest_dir`` that is renamed into place.
+    ``check_checkpoints=False`` skips opening the checkpoints (no torch needed): for a model whose
+    checkpoints were checked where it was made, such as a job server's result.
     """
     zip_path = Path(zip_path)
     dest_dir = Path(dest_dir)
@@ -388,7 +391,7 @@ def import_model(
         extracted.mkdir(exist_ok=True)
         _require_files(zip_path, model_prefix, extracted)
         try:
-            info = inspect_model(extracted, trust_checkpoint=trust_checkpoint)
+            info = inspect_model(extracted, trust_checkpoint=trust_checkpoint, check_checkpoints=check_checkpoints)
         except ModelError as error:
             # Name the archive member rather than the temporary path.
             raise ModelError(str(error).replace(str(extracted), f"{zip_path}:{model_prefix}")) from None
@@ -539,6 +542,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     imp.add_argument(
         "--trust-checkpoint", action="store_true", help="allow checkpoints that hold arbitrary Python objects"
     )
+    imp.add_argument(
+        "--skip-checkpoint-check", action="store_true",
+        help="do not open the checkpoints (no torch needed); for models checked where they were made (the job server)",
+    )
     imp.set_defaults(func=_cmd_import)
 
 
@@ -558,6 +565,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    path = import_model(args.zip_path, args.dest_dir, overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint)
+    path = import_model(args.zip_path, args.dest_dir, overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
+                        check_checkpoints=not args.skip_checkpoint_check)
     print(path)
     return 0

@@ -157,3 +157,23 @@ def test_model_metadata_is_read_without_torch(fake_model):
     assert json.loads(done.stdout) == ["Dataset004_Hippocampus", "3d_fullres", "nnUNetTrainer", [0], ["MRI"],
                                        {"background": 0, "a": 1}, False]
     assert read_model_info(fake_model).file_ending == ".nii.gz"
+
+
+def test_a_server_checked_model_imports_without_torch(fake_model, tmp_path):
+    """Issue 11 item 7: collecting a remote model (checked on the server) needs no torch."""
+    archive = tmp_path / "remote.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted(fake_model.rglob("*")):
+            if path.is_file():
+                handle.write(path, f"{PREFIX}/{path.relative_to(fake_model).as_posix()}")
+    code = ("import sys\nsys.modules['torch'] = None  # any torch import now fails\n"
+            "from AutoNNUNetLib.cli import main\n"
+            f"sys.exit(main(['import-model', {str(archive)!r}, {str(tmp_path / 'models')!r}, '--skip-checkpoint-check']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    model = tmp_path / "models" / PREFIX
+    assert done.stdout.strip() == str(model)
+    assert read_model_info(model).channel_names == ["MRI"]
+    # Without the flag the checkpoint is opened, and this one is garbage.
+    code, output, _ = run_cli("import-model", str(archive), str(tmp_path / "checked"))
+    assert_one_line_error(code, output, "checkpoint_final.pth")
