@@ -160,6 +160,11 @@ class LocalJob:
                 self._kill_deadline = None
         if alive:
             return None
+        # The supervisor is gone: whatever is left of its group (a worker of a supervisor that was
+        # killed alone) would hold a GPU or a slot unseen. End it; the pid cannot have been reused
+        # while the group has members.
+        if self.pid is not None and not IS_WINDOWS and process_group_members(self.pid):
+            signal_group(self.pid, hard=True)
         ended = read_exit(self.job_dir)
         if ended is not None:
             return ended

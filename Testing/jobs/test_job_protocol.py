@@ -188,3 +188,41 @@ def test_local_recipes_build_the_verbs_command(tmp_path):
     assert [s.name for s in predict.steps] == ["model", "predict"]
     with pytest.raises(RequestError, match="needs workspace"):
         local_spec(SearchParams(), tmp_path / "s", root=tmp_path / "root")
+
+
+def test_workers_of_a_supervisor_killed_alone_are_ended(tmp_path):
+    """Issue 12 item 3: a dead supervisor must not leave its workers running unseen."""
+    import os
+    import signal
+
+    from AutoNNUNetLib.processes import pid_alive, process_group_members
+
+    pids = tmp_path / "worker.pid"
+    code = f"import os, time\nopen({str(pids)!r}, 'w').write(str(os.getpid()))\ntime.sleep(600)"
+    job = LocalJob.start(JobSpec(job_dir=str(tmp_path / "job"), steps=[py_step("work", code)]))
+    poll_until(job, lambda u: pids.exists() and pids.read_text() != "")
+    worker = int(pids.read_text())
+    os.kill(job.pid, signal.SIGKILL)  # the supervisor only; its worker keeps running
+    final = poll_until(job, lambda u: u.done)[-1]
+    assert final.state == JobState.FAILED
+    deadline = time.monotonic() + 10
+    while pid_alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Ended; at most a zombie is left until init reaps the orphan (containers may never do so).
+    assert not pid_alive(worker) and not any(pid_alive(p) for p in process_group_members(job.pid))
+
+
+def test_supervisor_runs_without_a_console_window_on_windows(monkeypatch):
+    """Issue 11 item 10: no console window (closing it killed the job), its own process group."""
+    import subprocess
+
+    from AutoNNUNetLib.jobs import local, supervisor
+
+    monkeypatch.setattr(subprocess, "CREATE_NO_WINDOW", 0x08000000, raising=False)
+    monkeypatch.setattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x00000200, raising=False)
+    monkeypatch.setattr(local, "IS_WINDOWS", True)
+    monkeypatch.setattr(supervisor, "IS_WINDOWS", True)
+    for flags in (local.supervisor_creation_flags(), supervisor.child_creation_flags()):
+        assert flags == {"creationflags": 0x08000000 | 0x00000200}
+    monkeypatch.setattr(local, "IS_WINDOWS", False)
+    assert local.supervisor_creation_flags() == {"start_new_session": True}
