@@ -12,7 +12,9 @@ fall between the two and leave a process running for a job that reads ``cancelle
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -293,7 +295,7 @@ class JobQueue:
             if job.state not in FINAL_JOB_STATES:
                 raise ApiError(409, f"job {job_id} is {job.state}; cancel it first")
             self.store.delete_job(job.id)
-        shutil_rmtree(self.paths.job(job.id))
+        shutil.rmtree(self.paths.job(job.id), ignore_errors=True)
 
     # -- views ----------------------------------------------------------------------------------
     def view(self, job: JobRecord, position: Optional[int] = None) -> JobView:
@@ -367,17 +369,9 @@ class JobQueue:
 
 def _zip_link(source: Path, link: Path) -> Path:
     """A ``.zip`` name for an uploaded model archive (a hard link: no copy, same bytes)."""
-    import os
-
     if not link.exists():
         os.link(source, link)
     return link
-
-
-def shutil_rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def failure_text(message: str, log_path: Path) -> str:
