@@ -26,10 +26,10 @@ def test_every_entry_maps_to_a_valid_config():
     configs = [config_from_entry(e) for e in ENTRIES]
     for entry, config in zip(ENTRIES, configs):
         hp = entry["hp_config"]
-        assert config.initial_lr == hp["initial_lr"] and config.aug_factor == hp["aug_factor"]
-        assert config.optimizer == hp["optimizer"]
+        for name in ("initial_lr", "aug_factor", "weight_decay", "optimizer", "oversample_foreground_percent"):
+            assert getattr(config, name) == hp.get(name, getattr(TrialConfig(), name))
         if entry["space"] == "hpo_nas":
-            assert config.base_num_features == hp["base_num_features"]
+            assert config.base_num_features == hp.get("base_num_features", 32)
             assert config.encoder_type in ("conv", "residual")
     assert {c.loss for c in configs} == {"Dice", "CE", "Dice+CE", "TopK10"}
     assert {c.lr_scheduler for c in configs} == {"PolyLR", "CosineAnnealing", "none"}
