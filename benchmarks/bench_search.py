@@ -105,7 +105,18 @@ def summarize(method: str, work: Path) -> dict[str, Any]:
             counts[1 if trial.get("reused_from") else 0] += 1
     final = results.get("final") or {}
     confirmation = results.get("confirmation") or {}
+    epochs = []  # what was trained, from the events (also while a trial is still running)
+    events = root / "events.jsonl"
+    if events.is_file():
+        for line in events.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("kind") == "epoch":
+                epochs.append(float(event["data"].get("seconds") or 0.0))
     return {
+        "epochs_done": len(epochs), "seconds_per_epoch_measured": statistics.fmean(epochs) if epochs else None,
         "method": method, "status": results.get("state") if final else "searching",
         "confirmed": bool(confirmation.get("default")), "minutes": minutes, "budget": results.get("budget"),
         "final": final, "confirmation": confirmation, "trials_per_epochs": per_rung,
@@ -172,12 +183,21 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, load: str) -> s
         else:
             verdicts.append(f"- {label}: confirmation not finished in this session, no verdict "
                             f"(fold-0 final {_fmt(final.get('mean_dice'))} vs default {_fmt(final.get('default_dice'))}).")
+    lines += ["", "Trained so far (epoch events, every training of the method: trials, final, confirmation):"]
+    for row in rows:
+        if row.get("epochs_done") is not None:
+            spe = row.get("seconds_per_epoch_measured")
+            lines.append(f"- {SEARCHES[row['method']]['label']}: {row['epochs_done']} epochs of {args.iterations} "
+                         f"iterations" + (f", {spe:.0f} s per epoch ({spe / args.iterations:.1f} s per iteration)"
+                                          if spe else ""))
     default_row = next((r for r in rows if r.get("final", {}).get("default_dice") is not None), None)
     lines += ["", "The default method (1 F) is the prior run every search trains first: "
               + (f"fold-0 Dice {default_row['final']['default_dice']:.3f} at F." if default_row else "not finished yet."),
               "", "Goal (issue 9): the incumbent beats the default on fold 1 by more than the seed spread, at "
               "the same F, for N <= 4, and trains no slower per epoch (ratio <= 1.05 counted as no slower).", ""]
     lines += verdicts
+    if args.note:
+        lines += ["", *args.note]
     estimates = [f"- {SEARCHES[r['method']]['label']}: {r['estimate']}" for r in rows if r.get("estimate")]
     if estimates:
         lines += ["", "Estimates printed before each search started (probe of the default configuration):", *estimates]
@@ -193,6 +213,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--methods", default=",".join(SEARCHES))
     parser.add_argument("--report-only", action="store_true", help="write the table from what has finished")
+    parser.add_argument("--note", action="append", default=[], help="a paragraph added to the page (what happened)")
     parser.add_argument("--no-write", action="store_true", help="print instead of writing docs/benchmarks.md")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]

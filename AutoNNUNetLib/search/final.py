@@ -16,6 +16,7 @@ mean and the spread (sample standard deviation). Trainings already done are not 
 
 from __future__ import annotations
 
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -179,7 +180,9 @@ def confirm_search(root: Union[str, Path], *, progress: Optional[ProgressCallbac
             source = "incumbent" if name == "default" and confirmation["same_config"] else name
             target = root / CONFIRM_DIR / f"{source}_seed{s}" / model_dir_name(settings.configuration)
             record = read_json(target / "autonnunet.json") or {}
-            if record.get("epochs") != settings.max_epochs:
+            if record.get("epochs") != settings.max_epochs or config_key(record.get("config") or {}) != config_key(config):
+                if target.exists():  # another winner's (the search went on), or an interrupted run
+                    shutil.rmtree(target)
                 emit(ProgressEvent("stage", {"name": "confirm", "message": (
                     f"confirmation: {name} to {settings.max_epochs} epochs on fold {fold}, seed {s + 1}/"
                     f"{settings.confirm_seeds}")}))
