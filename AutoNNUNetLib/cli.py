@@ -32,6 +32,8 @@ VERB_MODULES = {
     "serve": "AutoNNUNetLib.remote.server.cli",
     "token": "AutoNNUNetLib.remote.server.cli",
     "remote": "AutoNNUNetLib.remote.cli",
+    "finalize": "AutoNNUNetLib.selection.cli",
+    "select": "AutoNNUNetLib.selection.cli",
 }
 
 #: Modules that register verbs, in the order their verbs appear in ``--help``.

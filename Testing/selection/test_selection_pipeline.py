@@ -84,6 +84,19 @@ def test_select_writes_nnunet_files_and_report(finalized):
     assert "| incumbent + pareto1" in report and "largest component: all foreground" in report
 
 
+def test_select_cli_prints_the_table_and_one_line_errors(finalized, tmp_path, capsys):
+    from AutoNNUNetLib import cli
+
+    assert cli.main(["select", str(finalized.root), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| incumbent + pareto1" in out and "Postprocessing" in out and "nnU-Net files:" in out
+    assert cli.main(["select", str(finalized.root), "--report-only"]) == 0
+    assert "incumbent + pareto1" in capsys.readouterr().out
+    assert cli.main(["select", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "finalize.json: missing" in err and "Traceback" not in err
+
+
 def test_stock_tools_reproduce_the_selection(finalized, hippo_workspace, hippocampus_dir, tmp_path):
     """Forced: the ensemble of both candidates with every postprocessing step, on held-out images."""
     from AutoNNUNetLib.imaging import Volume
