@@ -153,6 +153,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         # Setup
         self.ui.installDependenciesButton.clicked.connect(self.onInstallDependencies)
+        self.ui.upgradeDependenciesButton.clicked.connect(self.onUpgradeDependencies)
         # Data
         self.ui.addAllLabeledButton.clicked.connect(self.onAddAllLabeled)
         self.ui.addCaseButton.clicked.connect(lambda: self._addCaseRow(None, []))
@@ -384,6 +385,17 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if result.needs_restart and slicer.util.confirmYesNoDisplay(
                 result.message + "\n\nRestart Slicer now?", "AutoNNUNet dependencies"
             ):
+                slicer.util.restart()
+
+    def onUpgradeDependencies(self) -> None:
+        if not slicer.util.confirmOkCancelDisplay("Upgrade nnU-Net, NePS and the other pip packages to the newest "
+                                                  "versions AutoNNUNet allows?", "AutoNNUNet dependencies"):
+            return
+        with slicer.util.tryWithErrorDisplay("Upgrading failed.", waitCursor=True):
+            result = install.upgrade_dependencies(install.SlicerInstaller(log=self._setDependencyStatus, confirmed=True))
+            self._setDependencyStatus(result.message)
+            if result.needs_restart and slicer.util.confirmYesNoDisplay(result.message + "\n\nRestart Slicer now?",
+                                                                        "AutoNNUNet dependencies"):
                 slicer.util.restart()
 
     def _setDependencyStatus(self, text: str) -> None:

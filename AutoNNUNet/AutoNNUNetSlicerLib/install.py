@@ -229,6 +229,32 @@ def install_dependencies(installer: Installer, requirements: Optional[Sequence[s
     return DependencyResult(installed, False, "Dependencies installed: " + versions_text(version_of))
 
 
+def upgrade_dependencies(installer: Installer, requirements: Optional[Sequence[str]] = None,
+                         version_of: VersionOf = installed_version,
+                         loaded_modules: Optional[Iterable[str]] = None) -> DependencyResult:
+    """pip packages to the newest versions their ranges allow (still within the library's pins);
+    torch stays the PyTorch extension's build and Slicer's own packages stay pinned."""
+    requirements = list(requirements if requirements is not None else library_requirements())
+    loaded = set(sys.modules if loaded_modules is None else loaded_modules)
+    names = [requirement_name(r) for r in pip_requirements(requirements)]
+    before = {name: version_of(name) for name in names}
+    installer.log("Upgrading " + ", ".join(names) + " ...")
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:
+        constraints.write(constraints_text(version_of))
+    try:
+        installer.pip_install([*pip_requirements(requirements), "--upgrade", "--constraint", constraints.name])
+    finally:
+        os.unlink(constraints.name)
+    importlib.invalidate_caches()
+    changed = [f"{name} {before[name] or 'missing'} -> {version_of(name)}" for name in names
+               if version_of(name) != before[name]]
+    if not changed:
+        return DependencyResult([], False, "Everything is up to date: " + versions_text(version_of))
+    restart = any(name.replace("-", "_").split("_")[0] in loaded for name in names if version_of(name) != before[name])
+    return DependencyResult(changed, restart, "Upgraded " + ", ".join(changed)
+                            + (": restart Slicer before continuing." if restart else "."))
+
+
 class SlicerInstaller:
     """:class:`Installer` inside Slicer."""
 

@@ -548,3 +548,24 @@ def test_a_second_job_of_a_kind_is_refused_before_it_starts(tmp_path):
     with pytest.raises(RuntimeError, match="already running"):
         session.startFingerprint(tmp_path)
     assert not (tmp_path / "jobs").exists()  # nothing was started or written
+
+
+def test_upgrade_stays_within_the_pins_and_keeps_torch_and_slicers_builds():
+    versions = {"torch": "2.6.0", "numpy": "1.26.4", "SimpleITK": "2.4.0", "nnunetv2": "2.8.1",
+                "neural-pipeline-search": "0.17.0", "requests": "2.31.0", "filelock": "3.12.0"}
+
+    class Upgrading(FakeInstaller):
+        def pip_install(self, arguments):
+            split = arguments.index("--constraint")
+            self.calls.append(("pip", arguments[:split], Path(arguments[split + 1]).read_text()))
+            self.versions["requests"] = "2.32.3"
+
+    installer = Upgrading(versions)
+    result = install.upgrade_dependencies(installer, REQUIREMENTS, versions.get, loaded_modules=["requests"])
+    _, arguments, constraints = installer.calls[0]
+    assert "--upgrade" in arguments and "nnunetv2>=2.8.1,<2.9" in arguments
+    assert not any(a.startswith(("torch", "numpy", "SimpleITK")) for a in arguments)
+    assert {"torch==2.6.0", "numpy==1.26.4", "SimpleITK==2.4.0"} <= set(constraints.split())
+    assert result.installed == ["requests 2.31.0 -> 2.32.3"] and result.needs_restart
+    again = install.upgrade_dependencies(Upgrading(versions), REQUIREMENTS, versions.get, loaded_modules=[])
+    assert not again.installed and "up to date" in again.message
