@@ -38,7 +38,7 @@ def pid_alive(pid: int) -> bool:
             return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         pass
-    try:  # macOS has no /proc; psutil (Slicer ships it) still tells zombies apart
+    try:  # macOS has no /proc; psutil (a dependency) still tells zombies apart
         import psutil
 
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -142,7 +142,7 @@ def kill_process_tree(pid: int, timeout: float = 5.0) -> None:
         return
     descendants: list[int] = []
     try:
-        import psutil  # optional: Slicer ships it, plain venvs may not
+        import psutil  # a dependency of the library (Slicer does not ship it); guarded all the same
 
         descendants = [child.pid for child in psutil.Process(pid).children(recursive=True)]
     except Exception:  # noqa: BLE001 - no psutil, or the process is already gone
