@@ -14,8 +14,8 @@ Both are finalized on all 5 folds; then:
 - ``selected + postprocessing``: nnU-Net's choice (best of the above) with its largest-component
   postprocessing, decided and scored on the cross-validation.
 
-Inference seconds per volume: measured on ``--volumes`` held-out images (imagesTs, no labels)
-after one warm-up call, for each way of predicting (1 fold; 5 folds; 2 x 5 folds; + postprocessing).
+Inference seconds per volume: measured on ``--volumes`` images
+(training images: the shared data has no imagesTs) after one warm-up call, for each way of predicting (1 fold; 5 folds; 2 x 5 folds; + postprocessing).
 
 Goal (issue 10): the selected model's CV Dice is at least the best single candidate's (by
 construction); the page says by how much it improves and what it costs at inference.
@@ -121,7 +121,8 @@ def main() -> int:
     best_single = max(s.score.foreground_mean for s in singles.values())
     fold0 = cv_dice_of_fold(by_name["incumbent"], 0, references, labels, ending)
 
-    held_out = sorted((HIPPOCAMPUS / "imagesTs").glob("hippocampus_*.nii.gz"))[: args.volumes + 1]
+    # The shared data has no test images; timing does not need labels, so training images serve.
+    held_out = sorted((HIPPOCAMPUS / "imagesTr").glob("hippocampus_*.nii.gz"))[: args.volumes + 1]
     volumes = [[Volume.read(p)] for p in held_out]
     both = write_selection(state, ["incumbent", "pareto1"], PostprocessingPlan(), write=False)
     timings = {
@@ -155,7 +156,7 @@ on {platform.machine()}, {os.cpu_count()} cores, CPU only, shared machine (1-min
 start, {os.getloadavg()[0]:.1f} at the end). Hippocampus (60 cases), F = {args.epochs} epochs x {args.iterations}
 iterations per fold, two candidates (nnU-Net's default as the incumbent; base 16 features and learning rate 0.02 as
 a Pareto point), both finalized on 5 folds ({finalize_minutes:.1f} min for the 10 folds including the
-cross-validation predictions, TTA off). Inference: median of {args.volumes} held-out volumes (imagesTs) after a warm-up.
+cross-validation predictions, TTA off). Inference: median of {args.volumes} volumes (imagesTr) after a warm-up.
 
 {chr(10).join(table)}
 

@@ -113,9 +113,11 @@ def test_stock_tools_reproduce_the_selection(finalized, hippo_workspace, hippoca
     written = write_selection(state, ["incumbent", "pareto1"], plan)
     inputs = tmp_path / "in"
     inputs.mkdir()
-    held_out = sorted((hippocampus_dir / "imagesTs").glob("hippocampus_*.nii.gz"))[:2]
+    # The shared data has no test images: two training images, copied under new case names.
+    held_out = sorted((hippocampus_dir / "imagesTr").glob("hippocampus_*.nii.gz"))[:2]
+    assert len(held_out) == 2
     for path in held_out:
-        shutil.copy(path, inputs / path.name.replace(".nii.gz", "_0000.nii.gz"))
+        shutil.copy(path, inputs / path.name.replace("hippocampus_", "heldout_").replace(".nii.gz", "_0000.nii.gz"))
 
     env = dict(os.environ, nnUNet_results=str(root / "nnUNet_results"), nnUNet_raw=str(hippo_workspace.raw),
                nnUNet_preprocessed=str(hippo_workspace.preprocessed), nnUNet_compile="false")
@@ -133,8 +135,9 @@ def test_stock_tools_reproduce_the_selection(finalized, hippo_workspace, hippoca
 
     selection = Selection(root, device="cpu")
     assert selection.is_ensemble and len(selection.postprocessing.kept) == 3
+    compared = 0
     for path in held_out:
-        case = path.name.replace(".nii.gz", "")
+        case = path.name.replace("hippocampus_", "heldout_").replace(".nii.gz", "")
         ours = selection.predict([Volume.read(inputs / f"{case}_0000.nii.gz")])
         stock = Volume.read(Path(f"{output}_PP") / f"{case}.nii.gz")
         assert ours.array.shape == stock.array.shape
@@ -143,6 +146,8 @@ def test_stock_tools_reproduce_the_selection(finalized, hippo_workspace, hippoca
         unprocessed = Volume.read(output / f"{case}.nii.gz")
         assert np.array_equal(selection.predict_labels([Volume.read(inputs / f"{case}_0000.nii.gz")]),
                               unprocessed.array)
+        compared += 1
+    assert compared == 2
 
 
 def test_finalize_rerun_trains_only_missing_folds(finalized, hippo_workspace, tmp_path):
