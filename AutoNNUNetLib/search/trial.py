@@ -227,6 +227,7 @@ class TrialRunner:
                 "train_seconds": float(result.train_seconds),
                 "inference_seconds": float(sum(f.validation_seconds for f in result.folds) / max(1, len(result.folds))),
             })
+            write_trial_record(model_dir.parent, record)  # the rung validations so far are visible at once
         final = record.validations[-1]
         record.epochs = int(final["epochs"])
         record.epochs_trained = int(trained)
