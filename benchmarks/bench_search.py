@@ -117,7 +117,8 @@ def summarize(method: str, work: Path) -> dict[str, Any]:
                 epochs.append(float(event["data"].get("seconds") or 0.0))
     return {
         "epochs_done": len(epochs), "seconds_per_epoch_measured": statistics.fmean(epochs) if epochs else None,
-        "method": method, "status": results.get("state") if final else "searching",
+        "method": method,
+        "status": results.get("state") if final or results.get("state") == "stopped" else "searching",
         "confirmed": bool(confirmation.get("default")), "minutes": minutes, "budget": results.get("budget"),
         "final": final, "confirmation": confirmation, "trials_per_epochs": per_rung,
         "estimate": (results.get("estimate") or {}).get("text"),
@@ -197,7 +198,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, load: str) -> s
               "the same F, for N <= 4, and trains no slower per epoch (ratio <= 1.05 counted as no slower).", ""]
     lines += verdicts
     if args.note:
-        lines += ["", *args.note]
+        for note in args.note:
+            lines += ["", note]
     estimates = [f"- {SEARCHES[r['method']]['label']}: {r['estimate']}" for r in rows if r.get("estimate")]
     if estimates:
         lines += ["", "Estimates printed before each search started (probe of the default configuration):", *estimates]
