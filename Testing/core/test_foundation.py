@@ -23,7 +23,8 @@ from AutoNNUNetLib.states import JobState, TrialState
 PY = sys.executable
 
 #: Exceptions that are control flow, not errors for users (documented where they are defined).
-CONTROL_FLOW = {"SearchStopped", "_Cancelled", "Cancelled", "StopRequested"}
+CONTROL_FLOW = {"SearchStopped", "_Cancelled", "Cancelled", "StopRequested",
+                "Diverged"}  # Diverged: caught by training, recorded as Dice 0 with its reason
 
 
 def _library_modules():

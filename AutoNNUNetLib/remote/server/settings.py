@@ -72,7 +72,7 @@ def parse_gpus(text: Optional[str]) -> list[str]:
     return gpus
 
 
-class ApiError(Exception):
+class ApiError(AutoNNUNetError):
     """An error answer: HTTP status and a message written for the user."""
 
     def __init__(self, status: int, message: str, headers: Optional[dict[str, str]] = None):
