@@ -16,55 +16,53 @@ from typing import Any, Optional
 
 from ..events import ProgressEvent
 from ..files import json_default, read_json
-from ..progress import format_duration
+from ..progress import SearchProgress, format_duration, format_event
+from ..states import EventKind
 from .settings import (ARGV_FIELDS, CONFIDENCES, EXECUTORS, LAUNCHERS, OPTIMIZER_NAMES, PROFILES, SPACE_NAMES,
                        SearchError, SearchSettings)
 
 
 class ProgressBar:
-    """Renders search events as one updating line on a terminal (a line per trial otherwise)."""
+    """Renders search events as one updating line on a terminal (a line per trial otherwise).
+
+    A view over the one fold (:class:`~AutoNNUNetLib.progress.SearchProgress`), with the log
+    lines of :func:`~AutoNNUNetLib.progress.format_event`, so the terminal shows what Slicer and
+    the server show.
+    """
+
+    #: Events that end a line of their own (the rest only refresh the bar on a terminal).
+    LINE_KINDS = (EventKind.TRIAL_FINISHED, EventKind.STAGE, EventKind.FINISHED)
 
     def __init__(self, stream: Any = None, width: int = 24):
         self.stream = stream or sys.stderr
         self.width = width
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.fraction = 0.0
-        self.eta: Optional[float] = None
-        self.best: Optional[float] = None
-        self.current = ""
+        self.progress = SearchProgress()
 
     def __call__(self, event: ProgressEvent) -> None:
-        data = event.data
-        if event.kind == "progress":
-            self.fraction = float(data.get("fraction") or 0.0)
-            self.eta = data.get("eta_seconds")
-        elif event.kind == "best":
-            self.best = data.get("dice")
-        elif event.kind == "trial_started":
-            self.current = f"trial {data.get('trial')} ({data.get('epochs')} ep)"
-        elif event.kind == "epoch":
-            self.current = f"trial {data.get('trial')} epoch {data.get('epoch')}/{data.get('target_epochs')}"
-        elif event.kind == "trial_finished":
-            dice = data.get("dice")
-            line = (f"trial {data.get('trial')}: {data.get('state')}"
-                    + (f", Dice {dice:.4f}" if isinstance(dice, (int, float)) else "")
-                    + (" (reused)" if data.get("reused_from") else "")
-                    + (f" ({data.get('error')})" if data.get("error") else ""))
-            self._line(line, final=True)
-            return
-        elif event.kind in ("stage", "finished"):
-            self._line(str(data.get("message", "")), final=True)
-            return
-        else:
-            return
-        if self.tty:
+        self.progress.update(event)
+        if event.kind in self.LINE_KINDS:
+            line = format_event(event)
+            if line:
+                self._line(line + (" (reused)" if event.data.get("reused_from") else ""), final=True)
+        elif self.tty and event.kind in (EventKind.PROGRESS, EventKind.BEST, EventKind.TRIAL_STARTED,
+                                         EventKind.EPOCH):
             self._line(self._bar(), final=False)
 
     def _bar(self) -> str:
-        filled = int(round(self.fraction * self.width))
-        eta = f" ETA {format_duration(self.eta)}" if self.eta is not None else ""
-        best = f" best {self.best:.4f}" if isinstance(self.best, (int, float)) else ""
-        return f"[{'#' * filled}{'-' * (self.width - filled)}] {self.fraction:4.0%}{best}{eta} {self.current}"
+        state = self.progress
+        fraction = state.fraction or 0.0
+        filled = int(round(fraction * self.width))
+        eta = f" ETA {format_duration(state.eta_seconds)}" if state.eta_seconds is not None else ""
+        best = f" best {state.best_dice:.4f}" if state.best_dice is not None else ""
+        current = ""
+        if state.trial is not None:
+            current = f" trial {state.trial}"
+            if state.epoch is not None:
+                current += f" epoch {state.epoch}" + (f"/{state.max_epochs}" if state.max_epochs else "")
+            elif state.trial_epochs is not None:
+                current += f" ({state.trial_epochs} ep)"
+        return f"[{'#' * filled}{'-' * (self.width - filled)}] {fraction:4.0%}{best}{eta}{current}"
 
     def _line(self, text: str, final: bool) -> None:
         if self.tty:

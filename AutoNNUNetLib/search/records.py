@@ -8,23 +8,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..files import atomic_write_json, read_json
+from ..progress import trial_state as progress_trial_state
 from ..states import TrialState
 from .layout import ATTEMPTS_NAME, TRIAL_RECORD_NAME
 
 
 def trial_state(value: Any) -> TrialState:
-    """A state as written by any version: ``"success"`` (before 0.3, and NePS's word) is succeeded."""
-    text = str(value.value if hasattr(value, "value") else value or "").lower()
-    if text == "success":
-        return TrialState.SUCCEEDED
-    if text in ("submitted",):
-        return TrialState.PENDING
-    if text in ("corrupted",):
-        return TrialState.CRASHED
-    try:
-        return TrialState(text)
-    except ValueError:
-        return TrialState.CRASHED
+    """A state as written by any version (the legacy ``"success"`` is succeeded).
+
+    The rule is progress.trial_state's, so the results table and the live fold agree; a record
+    without a state is a crash here (a record is written with its state), not a success.
+    """
+    return progress_trial_state(value.value if hasattr(value, "value") else value, default=TrialState.CRASHED)
 
 
 @dataclass
