@@ -7,11 +7,12 @@ anisotropic spacings, resizes each slice in-plane and then picks the nearest sli
 low-resolution axis. The result is stored as float16 (the logits' dtype) before the argmax.
 
 Here the same mapping is computed for a slab of output rows along axis 0 from only the input rows it
-needs. Per axis, output index ``o`` samples input coordinate ``(o + 0.5) * n_in / n_out - 0.5``
-clamped to the volume (``mode='edge'``): linear interpolation for ``order=1`` (separable, one axis
-after the other, in float64), the nearest sample (``floor(c + 0.5)``) for ``order=0``. The float64
-sums differ from zoom's at the last bit at most, and each value is rounded to float16 afterwards as
-in nnU-Net, so the stored logits are the same values (tests compare them with nnU-Net's function).
+needs: ``scipy.ndimage.map_coordinates`` on that sub-block, at zoom's own coordinates
+``(o + 0.5) * n_in / n_out - 0.5`` computed with the same float64 operations and shifted by the
+sub-block's integer offset (an exact subtraction), with ``mode='nearest'`` (skimage's ``edge``).
+Zoom and map_coordinates share scipy's interpolation kernel, so each slab is bit-equal to nnU-Net's
+result (the tests compare them with nnU-Net's function). The anisotropic path resamples each slice
+in-plane the same way, then takes the nearest (``order_z=0``) or linear slice along its axis.
 
 Plans this module cannot reproduce (another resampling function, spline orders above 1) are reported
 by :func:`slab_resampler` returning None; the caller then resamples the whole volume with nnU-Net.
