@@ -35,7 +35,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -74,6 +74,13 @@ class Predictor:
             becomes background), nnU-Net's own post-processing operation applied per class
             (voxels touching at faces, edges or corners are connected).
         tile_step_size: sliding-window step as a fraction of the patch size (nnU-Net's 0.5).
+        max_memory_gb: most memory one prediction may add (model and input not counted). Every
+            prediction takes the bounded path (:mod:`AutoNNUNetLib.bounded`): logits in float16 on
+            the network grid, resampled and turned into labels slab by slab, the same labels as
+            nnU-Net's in-memory path; ``None`` plans slabs of about 512 MB. A budget that cannot
+            hold one tile is refused before any work.
+        engine: the tile forward pass: ``auto`` (torch; see :mod:`AutoNNUNetLib.engines` for why),
+            ``torch``, ``onnxruntime`` or ``openvino`` (CPU only, exported once beside the checkpoint).
     """
 
     def __init__(
@@ -85,6 +92,8 @@ class Predictor:
         checkpoint: str = CHECKPOINT_NAME,
         largest_component: bool = False,
         tile_step_size: float = 0.5,
+        max_memory_gb: Optional[float] = None,
+        engine: str = "auto",
     ) -> None:
         from .workspace import resolve_device
 
@@ -121,6 +130,11 @@ class Predictor:
                 raise PredictionError(f"cannot load the model from {files}: "
                                       f"{text[-1] if text else type(error).__name__} (truncated or corrupt?)") from None
         self._predictor = predictor
+        from .bounded.budget import check_budget_value
+        from .engines import make_engine
+
+        self.max_memory_gb = check_budget_value(max_memory_gb)
+        self._engine = make_engine(engine, predictor, model_dir=self.model_dir, folds=self.folds, checkpoint=checkpoint)
         self.dataset_json: dict = predictor.dataset_json
         self.plans: dict = predictor.plans_manager.plans
         self.channel_names: list[str] = [
@@ -147,26 +161,34 @@ class Predictor:
         """The underlying ``nnUNetPredictor`` (for benchmarks and power users)."""
         return self._predictor
 
-    def predict(self, channels: Sequence["Volume"]) -> "Volume":
+    def predict(self, channels: Sequence["Volume"], progress: Optional[ProgressCallback] = None,
+                cancel: Optional[Callable[[], bool]] = None,
+                save_probabilities: Optional[PathLike] = None) -> "Volume":
         """Segment one case given as one :class:`Volume` per channel (the model's channel order).
 
         Returns a label map (``uint8``, or ``uint16`` beyond 254 classes) with the same array
-        shape and the same geometry object as the first channel.
+        shape and the same geometry object as the first channel. ``progress`` receives tile and
+        slab progress events; ``cancel`` returning True stops between tiles
+        (``PredictionCancelled``); ``save_probabilities`` writes the class probabilities to a
+        ``.npy`` file slab by slab.
         """
         from .dataset import Volume
 
         image, properties = self._prepare(channels)
-        segmentation = self._segment(image, properties)
+        segmentation = self._segment(image, properties, progress, cancel, save_probabilities)
         if channels[0].array.ndim == 2:
             segmentation = segmentation[0]  # nnU-Net treats a 2D image as one slice of a 3D stack
         return Volume(segmentation, channels[0].geometry)
 
-    def predict_file(self, inputs: Sequence[PathLike], output: PathLike) -> Path:
+    def predict_file(self, inputs: Sequence[PathLike], output: PathLike,
+                     progress: Optional[ProgressCallback] = None,
+                     cancel: Optional[Callable[[], bool]] = None,
+                     save_probabilities: Optional[PathLike] = None) -> Path:
         """Segment one case from image files (one per channel, or one file holding all channels);
         write the label map to ``output``. Inputs and output are checked before inference."""
         output = check_output_file(output)
         volumes = read_case(case_channels(inputs, len(self.channel_names)))
-        return self.predict(volumes).write(output)
+        return self.predict(volumes, progress, cancel, save_probabilities).write(output)
 
     def predict_folder(
         self,
@@ -240,31 +262,15 @@ class Predictor:
             spacing = [max(spacing) * 999, *spacing]
         return image, {"spacing": spacing}
 
-    def _segment(self, image: np.ndarray, properties: dict) -> np.ndarray:
-        """nnU-Net's ``predict_single_npy_array``, without re-loading unchanged weights per call."""
-        import torch
-        from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
-        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    def _segment(self, image: np.ndarray, properties: dict, progress: Optional[ProgressCallback] = None,
+                 cancel: Optional[Callable[[], bool]] = None,
+                 save_probabilities: Optional[PathLike] = None) -> np.ndarray:
+        """nnU-Net's ``predict_single_npy_array`` labels, in bounded memory (weights loaded once)."""
+        from .bounded import predict_bounded
 
-        predictor = self._predictor
-        adapter = PreprocessAdapterFromNpy(
-            [image], [None], [properties], [None],
-            predictor.plans_manager, predictor.dataset_json, predictor.configuration_manager,
-            num_threads_in_multithreaded=1, verbose=False,
-        )
-        item = next(adapter)  # preprocessing runs here, in this process
-        if len(predictor.list_of_parameters) == 1:
-            # The single fold's weights are already in the network; nnU-Net's general path would
-            # load the state dict again for every volume.
-            logits = predictor.predict_sliding_window_return_logits(item["data"]).to("cpu")
-        else:
-            logits = predictor.predict_logits_from_preprocessed_data(item["data"]).cpu()
-        segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
-            logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager,
-            item["data_properties"], return_probabilities=False,
-            # nnU-Net's default here is 8 threads whatever the machine; stay with the process setting.
-            num_threads_torch=torch.get_num_threads(),
-        )
+        segmentation = predict_bounded(self._predictor, image, properties, max_memory_gb=self.max_memory_gb,
+                                       progress=progress, cancel=cancel, save_probabilities=save_probabilities,
+                                       engine=self._engine)
         if self.largest_component:
             segmentation = self._keep_largest_components(segmentation)
         return np.asarray(segmentation)
@@ -306,6 +312,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: all present)")
     parser.add_argument("--checkpoint", default=CHECKPOINT_NAME, help=f"checkpoint name (default {CHECKPOINT_NAME})")
     parser.add_argument("--events", help="append progress events (JSON lines) to this file")
+    parser.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                        help="most memory one prediction may add (default: slabs of about 512 MB)")
+    parser.add_argument("--engine", default="auto", choices=("auto", "torch", "onnxruntime", "openvino"),
+                        help="tile forward pass on CPU (default auto = torch)")
+    parser.add_argument("--save-probabilities", type=Path, default=None, metavar="FILE.npy",
+                        help="also write the class probabilities (one case only), slab by slab")
     parser.set_defaults(func=_cmd_predict)
 
 
@@ -325,6 +337,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         check_output_file(args.output)
         specs = case_channels(args.inputs, len(info.channel_names))
+    from .bounded.budget import check_budget_value
+
+    check_budget_value(args.max_memory)
     resolve_device(args.device)  # imports torch: after the checks files alone can answer
     writer = EventWriter(args.events) if args.events else None
     if writer is not None:
@@ -333,6 +348,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     predictor = Predictor(
         args.model, folds=folds, device=args.device, use_mirroring=args.mirroring,
         checkpoint=args.checkpoint, largest_component=args.largest_component,
+        max_memory_gb=args.max_memory, engine=args.engine,
     )
     logger.info("model loaded in %.1f s (folds %s, device %s)", time.perf_counter() - start, predictor.folds,
                 predictor.device)
@@ -342,12 +358,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             if writer is not None:
                 writer(event)
 
+        if args.save_probabilities is not None:
+            raise PredictionError("--save-probabilities takes one case, not a folder")
         written = predictor.predict_cases(cases, args.output, progress=report)
         print(json.dumps([str(p) for p in written]))
     else:
         if writer is not None:
             writer.emit("stage", name="predict", message="segmenting")
-        print(predictor.predict(read_case(specs)).write(args.output))
+        print(predictor.predict(read_case(specs), progress=writer,
+                                save_probabilities=args.save_probabilities).write(args.output))
     if writer is not None:
         writer.emit("finished", state="succeeded", message="segmentation written")
     return 0

@@ -5,13 +5,23 @@
 - :mod:`.sliding` - nnU-Net's sliding window with float16 sums, progress and cancel;
 - :mod:`.resample` - the export's resampling computed one slab of output rows at a time;
 - :mod:`.export` - slabs -> label map (and a probability file) on the original grid.
+
+Names load on first use, so a request record can check a budget without numpy or torch.
 """
 
 from __future__ import annotations
 
-from .budget import GIB, MemoryBudgetError, MemoryPlan, plan_memory
-from .predict import plan_prediction, predict_bounded
-from .sliding import PredictionCancelled
+import importlib
+from typing import Any
 
-__all__ = ["GIB", "MemoryBudgetError", "MemoryPlan", "PredictionCancelled", "plan_memory", "plan_prediction",
-           "predict_bounded"]
+_NAMES = {"GIB": "budget", "MemoryBudgetError": "budget", "MemoryPlan": "budget", "plan_memory": "budget",
+          "check_budget_value": "budget", "plan_prediction": "predict", "predict_bounded": "predict",
+          "PredictionCancelled": "sliding"}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)

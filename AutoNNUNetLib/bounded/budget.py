@@ -22,8 +22,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import numpy as np
-
 from ..errors import AutoNNUNetError
 
 GIB = 1024 ** 3
@@ -70,6 +68,8 @@ class MemoryPlan:
 def tile_working_bytes(configuration_manager, input_channels: int, heads: int, mirroring: bool) -> int:
     """Peak bytes of one tile's forward pass: activations of every stage kept for the skips, plus the
     working copies at full resolution (convolution, normalisation, the decoder's concatenation)."""
+    import numpy as np  # here, so a request record can check a budget without numpy
+
     patch = [int(v) for v in configuration_manager.patch_size]
     kwargs = configuration_manager.network_arch_init_kwargs
     features = [int(f) for f in kwargs.get("features_per_stage", [32])]
@@ -119,6 +119,15 @@ def slab_row_bytes(heads: int, output_plane: int, input_plane: int, rows_ratio: 
     return int(per_voxel * output_plane + 8 * input_plane * max(rows_ratio, 1.0) * 1.5)
 
 
+def check_budget_value(max_memory_gb: Optional[float]) -> Optional[float]:
+    """``max_memory_gb`` as given, if it is None or a positive finite number of GB."""
+    if max_memory_gb is not None:
+        if isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, (int, float)) \
+                or not math.isfinite(max_memory_gb) or max_memory_gb <= 0:
+            raise MemoryBudgetError(f"max_memory_gb must be a positive number of GB, got {max_memory_gb!r}")
+    return max_memory_gb
+
+
 def plan_memory(
     predictor,
     input_shape: Sequence[int],
@@ -135,12 +144,11 @@ def plan_memory(
     uncropped shapes; after it the caller re-plans with the real ones (a smaller or equal peak).
     Raises :class:`MemoryBudgetError` if the budget cannot hold the smallest plan.
     """
+    import numpy as np  # here, so a request record can check a budget without numpy
+
     from .sliding import tile_count
 
-    if max_memory_gb is not None:
-        if isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, (int, float)) \
-                or not math.isfinite(max_memory_gb) or max_memory_gb <= 0:
-            raise MemoryBudgetError(f"max_memory_gb must be a positive number of GB, got {max_memory_gb!r}")
+    check_budget_value(max_memory_gb)
     cm, pm = predictor.configuration_manager, predictor.plans_manager
     heads = int(predictor.label_manager.num_segmentation_heads)
     channels = len(predictor.dataset_json["channel_names"])

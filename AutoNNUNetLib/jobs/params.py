@@ -237,6 +237,7 @@ class PredictParams(_Record):
     largest_component: bool = False
     device: str = "auto"
     folds: Optional[FoldsField] = None     # None: every fold the model has
+    max_memory_gb: Optional[float] = None  # the bounded prediction's budget (None: slabs of ~512 MB)
 
     def __post_init__(self) -> None:
         _check_text("images_upload_id", self.images_upload_id, optional=False)
@@ -249,6 +250,13 @@ class PredictParams(_Record):
         self.device = _device(self.device)
         if self.folds is not None and self.folds != "all":
             self.folds = _folds(self.folds)
+        if self.max_memory_gb is not None:
+            from ..bounded.budget import check_budget_value
+
+            try:
+                check_budget_value(self.max_memory_gb)
+            except AutoNNUNetError as error:
+                raise RequestError(str(error)) from None
 
     @property
     def remote(self) -> bool:
@@ -265,6 +273,8 @@ class PredictParams(_Record):
             argv += ["--device", self.device]
         if self.folds is not None:
             argv += ["--folds", *_folds_argv(self.folds)]
+        if self.max_memory_gb is not None:
+            argv += ["--max-memory", repr(float(self.max_memory_gb))]
         return argv
 
 
