@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import _thread
 import signal
 import socket
 import threading
@@ -75,8 +76,9 @@ class StopControl:
     def _deadline_reached(self) -> None:
         self.requested = self.requested or self.DEADLINE
         if self.in_trial:
-            # Deliver to the main thread, where the trial trains.
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # type: ignore[arg-type]
+            # Deliver to the main thread, where the trial trains. interrupt_main runs our SIGTERM
+            # handler there on every platform (signal.pthread_kill does not exist on Windows).
+            _thread.interrupt_main(signal.SIGTERM)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = self.requested or f"stopped by {signal.Signals(signum).name}"
