@@ -79,6 +79,10 @@ class Predictor:
             the network grid, resampled and turned into labels slab by slab, the same labels as
             nnU-Net's in-memory path; ``None`` plans slabs of about 512 MB. A budget that cannot
             hold one tile is refused before any work.
+        original_labels: write label maps in the label values of the training files when intake
+            renumbered them (``--classes pz=7,tz=8`` -> 0, 1, 2 in training; recorded in the model's
+            dataset.json by :mod:`AutoNNUNetLib.dataset.classes`); a model without the record keeps
+            its values.
         engine: the tile forward pass: ``auto`` (torch; see :mod:`AutoNNUNetLib.engines` for why),
             ``torch``, ``onnxruntime`` or ``openvino`` (CPU only, exported once beside the checkpoint).
     """
@@ -94,6 +98,7 @@ class Predictor:
         tile_step_size: float = 0.5,
         max_memory_gb: Optional[float] = None,
         engine: str = "auto",
+        original_labels: bool = False,
     ) -> None:
         from .workspace import resolve_device
 
@@ -142,6 +147,10 @@ class Predictor:
             for k in sorted(self.dataset_json["channel_names"], key=lambda key: int(key))
         ]
         self.labels: dict[str, Any] = dict(self.dataset_json["labels"])
+        from .dataset.classes import read_original_labels
+
+        #: ``{value in training: value in the source files}``, applied when ``original_labels``.
+        self.original_values = read_original_labels(self.dataset_json) if original_labels else None
         reader = self.plans.get("image_reader_writer", "SimpleITKIO")
         if reader not in _SITK_READERS:
             logger.warning(
@@ -176,6 +185,10 @@ class Predictor:
 
         image, properties = self._prepare(channels)
         segmentation = self._segment(image, properties, progress, cancel, save_probabilities)
+        if self.original_values is not None:
+            from .dataset.classes import restore_original_labels
+
+            segmentation = restore_original_labels(segmentation, self.original_values)
         if channels[0].array.ndim == 2:
             segmentation = segmentation[0]  # nnU-Net treats a 2D image as one slice of a 3D stack
         return Volume(segmentation, channels[0].geometry)
@@ -312,6 +325,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: all present)")
     parser.add_argument("--checkpoint", default=CHECKPOINT_NAME, help=f"checkpoint name (default {CHECKPOINT_NAME})")
     parser.add_argument("--events", help="append progress events (JSON lines) to this file")
+    parser.add_argument("--original-labels", action="store_true",
+                        help="write the label values of the training files (when intake renumbered them)")
     parser.add_argument("--max-memory", type=float, default=None, metavar="GB",
                         help="most memory one prediction may add (default: slabs of about 512 MB)")
     parser.add_argument("--engine", default="auto", choices=("auto", "torch", "onnxruntime", "openvino"),
@@ -348,7 +363,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     predictor = Predictor(
         args.model, folds=folds, device=args.device, use_mirroring=args.mirroring,
         checkpoint=args.checkpoint, largest_component=args.largest_component,
-        max_memory_gb=args.max_memory, engine=args.engine,
+        max_memory_gb=args.max_memory, engine=args.engine, original_labels=args.original_labels,
     )
     logger.info("model loaded in %.1f s (folds %s, device %s)", time.perf_counter() - start, predictor.folds,
                 predictor.device)

@@ -226,6 +226,7 @@ class TrialRunner:
                 "dice_per_class": {k: float(v) for k, v in result.dice_per_class.items()},
                 "train_seconds": float(result.train_seconds),
                 "inference_seconds": float(sum(f.validation_seconds for f in result.folds) / max(1, len(result.folds))),
+                "diverged": result.diverged,
             })
             write_trial_record(model_dir.parent, record)  # the rung validations so far are visible at once
         final = record.validations[-1]
@@ -236,6 +237,8 @@ class TrialRunner:
         record.train_seconds = final["train_seconds"]
         record.seconds_per_epoch = final["train_seconds"] / max(1, record.epochs)
         record.inference_seconds = final["inference_seconds"]
+        # A diverged run is a result (loss 1, so PriorBand learns to avoid it), with its reason kept.
+        record.error = next((v["diverged"] for v in record.validations if v.get("diverged")), None)
 
     def _reuse(self, trial_dir: Path, record: TrialRecord, source: str, validation: dict[str, Any]) -> dict[str, Any]:
         """This configuration was already validated at these epochs: report that, train nothing."""
@@ -265,7 +268,7 @@ class TrialRunner:
             "trial": record.trial_id, "rung": record.rung, "epochs": record.epochs, "dice": record.mean_dice,
             "dice_per_class": record.dice_per_class, "train_seconds": record.train_seconds,
             "epochs_trained": record.epochs_trained, "reused_from": record.reused_from,
-            "state": TrialState.SUCCEEDED}))
+            "diverged": record.error, "state": TrialState.SUCCEEDED}))
         self._update_results()
         return {
             "objective_to_minimize": record.objective,
@@ -275,7 +278,7 @@ class TrialRunner:
                 "train_seconds": record.train_seconds, "seconds_per_epoch": record.seconds_per_epoch,
                 "inference_seconds": record.inference_seconds, "epochs": record.epochs,
                 "epochs_trained": record.epochs_trained, "resumed_from": record.resumed_from,
-                "reused_from": record.reused_from, "wall_seconds": record.finished - (record.started or record.finished),
+                "reused_from": record.reused_from, "diverged": record.error, "wall_seconds": record.finished - (record.started or record.finished),
             },
         }
 

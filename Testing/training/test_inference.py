@@ -179,3 +179,29 @@ def test_predict_folder_and_cli(predictor, imported_model, input_folder, tmp_pat
     assert status == 0 and out.getvalue().strip() == str(tmp_path / "cli" / "odd.nii.gz")
     assert np.array_equal(Volume.read(tmp_path / "cli" / "odd.nii.gz").array,
                           Volume.read(tmp_path / "folder" / "odd.nii.gz").array)
+
+
+def test_original_label_values_are_written_back(predictor, imported_model, input_folder, tmp_path):
+    """Intake renumbers files' values (7, 9 -> 1, 2) and records them in dataset.json, which nnU-Net
+    copies into the model; --original-labels writes predictions in the files' values again."""
+    import json
+    import shutil
+
+    from AutoNNUNetLib.dataset.classes import ORIGINAL_LABELS_KEY
+
+    model = tmp_path / "model"
+    shutil.copytree(imported_model, model)
+    dataset_json = json.loads((model / "dataset.json").read_text())
+    dataset_json[ORIGINAL_LABELS_KEY] = {"0": 0, "1": 7, "2": 9}
+    (model / "dataset.json").write_text(json.dumps(dataset_json))
+    image = input_folder / "odd_0000.nii.gz"
+    plain = predictor.predict([Volume.read(image)]).array
+    assert set(np.unique(plain)) <= {0, 1, 2} and np.any(plain > 0)
+
+    status = cli_main(["predict", "--model", str(model), "-i", str(image), "-o", str(tmp_path / "orig.nii.gz"),
+                       "--device", "cpu", "--original-labels"])
+    restored = Volume.read(tmp_path / "orig.nii.gz").array
+    assert status == 0
+    assert np.array_equal(restored, np.array([0, 7, 9])[plain])
+    # Without the flag the model's own values are written.
+    assert np.array_equal(Predictor(model, device="cpu").predict([Volume.read(image)]).array, plain)
