@@ -11,8 +11,7 @@ Names load on first use, so a request record can check a budget without numpy or
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy import lazy_exports
 
 _NAMES = {"GIB": "budget", "MemoryBudgetError": "budget", "MemoryPlan": "budget", "plan_memory": "budget",
           "check_budget_value": "budget", "plan_prediction": "predict", "predict_bounded": "predict",
@@ -20,8 +19,4 @@ _NAMES = {"GIB": "budget", "MemoryBudgetError": "budget", "MemoryPlan": "budget"
 
 __all__ = sorted(_NAMES)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+__getattr__, __dir__ = lazy_exports(__name__, _NAMES)

@@ -28,8 +28,7 @@ Names are loaded lazily, so importing a light submodule does not pull in SimpleI
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy import lazy_exports
 
 #: Public name -> submodule holding it.
 _EXPORTS = {
@@ -62,18 +61,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if module.startswith(".."):
-        value = getattr(importlib.import_module(module[1:], __package__.rpartition(".")[0]), name)
-    else:
-        value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -18,8 +18,7 @@ and the Slicer module.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy import lazy_exports
 
 from ..files import sha256_file  # noqa: F401  (re-exported: callers imported it from here)
 
@@ -42,15 +41,4 @@ _WHERE.update(_ALIASES)
 
 __all__ = ["sha256_file", *_WHERE]
 
-
-def __getattr__(name: str) -> Any:
-    where = _WHERE.get(name)
-    if where is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(where[0], __name__), where[1])
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
