@@ -1,8 +1,8 @@
-"""Jobs: the one way long work (search, train, predict) runs, locally or on the job server.
+"""Jobs: the one way long work (search, train, predict, select) runs, locally or on the job server.
 
 - :mod:`.job`: the :class:`Job` protocol and :class:`JobUpdate` (LocalJob and RemoteJob follow it);
 - :mod:`.params`: one request record per job kind (:class:`SearchParams`, :class:`TrainParams`,
-  :class:`PredictParams`), validated at creation, to and from JSON and argv;
+  :class:`PredictParams`, :class:`SelectParams`), validated at creation, to and from JSON and argv;
 - :mod:`.spec`: a job folder's files (:class:`JobSpec` of :class:`Step` s, :class:`JobExit`);
 - :mod:`.recipes`: the steps of each job kind, built from its request record;
 - :mod:`.local`: :class:`LocalJob`, a supervisor process group on this machine (re-attaches);
@@ -27,12 +27,13 @@ _EXPORTS = {
     "spec": ("SPEC_NAME", "LOG_NAME", "EVENTS_NAME", "EXIT_NAME", "PID_NAME", "CANCEL_NAME", "ARTIFACTS_DIR",
              "MODEL_DIR_PREFIX", "JobError", "Step", "SlurmOptions", "JobSpec", "JobExit", "read_exit",
              "write_exit", "read_log"),
-    "params": ("JOB_KINDS", "EXECUTORS", "RequestError", "SearchParams", "TrainParams", "PredictParams",
+    "params": ("JOB_KINDS", "EXECUTORS", "RequestError", "SearchParams", "TrainParams", "PredictParams", "SelectParams",
                "PARAMS_TYPES", "Params", "params_from_dict", "kind_of"),
     "local": ("LocalJob",),
     "supervisor": ("Supervisor", "run_worker", "main"),
     "builtins": ("BUILTINS", "find_model_dir"),
-    "recipes": ("plan_step", "search_steps", "train_steps", "predict_steps", "local_spec", "start_local"),
+    "recipes": ("plan_step", "search_steps", "train_steps", "predict_steps", "select_steps", "local_spec",
+                "start_local"),
 }
 #: Older names of the progress fold, which lives in AutoNNUNetLib.progress.
 _ALIASES = {"Progress": ("..progress", "SearchProgress"), "ProgressTracker": ("..progress", "ProgressReader")}

@@ -28,12 +28,15 @@ from ..errors import AutoNNUNetError, UserInputError
 from ..folds import parse_folds
 from ..search.settings import SEED_LIMIT, SearchSettings
 
-JOB_KINDS: tuple[str, ...] = ("search", "train", "predict")
+JOB_KINDS: tuple[str, ...] = ("search", "train", "predict", "select")
 EXECUTORS: tuple[str, ...] = ("local", "slurm", "submitit-local")
 
 #: Upper limits: far above any real training, low enough that a typo (or 10**30) is caught at once.
 MAX_EPOCHS = 100_000
 MAX_ITERATIONS = 1_000_000
+#: Pareto points besides the incumbent a selection may finalize: each costs a 5-fold training, and
+#: the pairwise ensembles grow with the square of the candidates.
+MAX_TOP = 20
 PYDANTIC_CONFIG = {"extra": "forbid", "strict": True}
 
 FoldsField = Union[Literal["all"], list[int]]
@@ -278,6 +281,97 @@ class PredictParams(_Record):
         return argv
 
 
+@dataclass
+class SelectParams(_Record):
+    """nnU-Net's model selection after a search: ``autonnunet finalize`` (the search's candidates
+    trained on every fold to ``epochs``, resumable) then ``autonnunet select`` (cross-validation
+    Dice of each candidate and pairwise ensemble, postprocessing, nnU-Net's files).
+
+    ``search_job_id`` names a succeeded search job of the same user (server); without it the
+    recipe is given the workspace and search root (local). Unset values take finalize's defaults.
+    """
+
+    __pydantic_config__ = PYDANTIC_CONFIG
+
+    search_job_id: Optional[str] = None
+    epochs: int = 1000                     # the final training length F (nnU-Net's default)
+    iterations_per_epoch: Optional[int] = None
+    top: int = 1                           # next best Pareto points besides the incumbent
+    configurations: list[str] = field(default_factory=lambda: ["2d", "3d_lowres"])  # [] = none
+    folds: FoldsField = "all"
+    seed: Optional[int] = None
+    device: str = "auto"
+    tta: bool = False                      # mirroring for the cross-validation and the selection
+    ensembles: bool = True                 # False: single models only
+
+    def __post_init__(self) -> None:
+        from ..selection.candidates import OTHER_CONFIGURATIONS
+
+        _check_text("search_job_id", self.search_job_id)
+        if self.search_job_id is not None and not self.search_job_id:
+            raise RequestError("search_job_id: give the id of a succeeded search job (or leave it out)")
+        _integer("epochs", self.epochs, 1, MAX_EPOCHS, optional=False)
+        _integer("iterations_per_epoch", self.iterations_per_epoch, 1, MAX_ITERATIONS)
+        _integer("top", self.top, 0, MAX_TOP, optional=False)
+        _integer("seed", self.seed, 0, SEED_LIMIT - 1)
+        if not isinstance(self.configurations, list) or not all(isinstance(c, str) for c in self.configurations):
+            raise RequestError(f"configurations: expected a list of names, got {self.configurations!r}")
+        unknown = [c for c in self.configurations if c not in OTHER_CONFIGURATIONS]
+        if unknown:
+            raise RequestError(f"configurations: {', '.join(map(repr, unknown))} is not one of "
+                               f"{', '.join(OTHER_CONFIGURATIONS)} (3d_fullres is always a candidate)")
+        self.configurations = list(dict.fromkeys(self.configurations))
+        if self.folds != "all":
+            self.folds = _folds(self.folds)
+        self.device = _device(self.device)
+        _flag("tta", self.tta)
+        _flag("ensembles", self.ensembles)
+
+    @property
+    def remote(self) -> bool:
+        """Whether this request names a server search job (else the recipe gets local paths)."""
+        return self.search_job_id is not None
+
+    def to_argv(self, workdir: Union[str, Path], search: Union[str, Path], output: Union[str, Path]) -> list[str]:
+        """Arguments of ``autonnunet finalize`` for this request (workspace, search and selection
+        root are the job's). ``--no-ensembles`` travels along for ``finalize --select``."""
+        argv = ["finalize", "--workdir", str(workdir), "--search", str(search), "--output", str(output),
+                "--epochs", str(self.epochs), "--top", str(self.top),
+                "--configurations", *(self.configurations or ["none"]), "--folds", *_folds_argv(self.folds)]
+        for name in ("iterations_per_epoch", "seed"):
+            value = getattr(self, name)
+            if value is not None:
+                argv += ["--" + name.replace("_", "-"), str(value)]
+        if self.device != "auto":
+            argv += ["--device", self.device]
+        if self.tta:
+            argv.append("--tta")
+        if not self.ensembles:
+            argv.append("--no-ensembles")
+        return argv
+
+    def select_argv(self, output: Union[str, Path]) -> list[str]:
+        """Arguments of ``autonnunet select`` on the finalized root."""
+        return ["select", str(output), *([] if self.ensembles else ["--no-ensembles"])]
+
+    @classmethod
+    def from_args(cls, args: Any) -> "SelectParams":
+        """The request of ``autonnunet finalize``'s flags, validated like a server request."""
+        all_folds = [str(f).lower() for f in args.folds] == ["all"]
+        try:
+            folds: FoldsField = "all" if all_folds else parse_folds(args.folds)
+        except AutoNNUNetError as error:
+            raise RequestError(f"folds: {error}") from None
+        values = {"epochs": args.epochs, "top": args.top,
+                  "configurations": [] if args.configurations == ["none"] else list(args.configurations),
+                  "folds": folds,
+                  "device": args.device, "tta": bool(args.tta), "ensembles": not getattr(args, "no_ensembles", False)}
+        for name in ("iterations_per_epoch", "seed"):
+            if getattr(args, name) is not None:
+                values[name] = getattr(args, name)
+        return cls.from_dict(values)
+
+
 def _device(value: Any) -> str:
     if not isinstance(value, str):
         raise RequestError(f"device: expected text such as auto, cpu or cuda:0, got {value!r}")
@@ -287,8 +381,9 @@ def _device(value: Any) -> str:
         raise RequestError(f"device: {error}") from None
 
 
-PARAMS_TYPES: dict[str, type] = {"search": SearchParams, "train": TrainParams, "predict": PredictParams}
-Params = Union[SearchParams, TrainParams, PredictParams]
+PARAMS_TYPES: dict[str, type] = {"search": SearchParams, "train": TrainParams, "predict": PredictParams,
+                                  "select": SelectParams}
+Params = Union[SearchParams, TrainParams, PredictParams, SelectParams]
 
 
 def params_from_dict(kind: str, data: dict[str, Any]) -> Params:

@@ -1,11 +1,11 @@
 """Recipes: the steps a job of each kind runs, built from its request record.
 
 The server and the Slicer module (local jobs) build their job folders here, so a search, a
-training or a prediction runs the same command wherever it runs. A recipe returns a
+training, a prediction or a model selection runs the same command wherever it runs. A recipe returns a
 :class:`~.spec.JobSpec`; :func:`start_local` starts it as a :class:`~.local.LocalJob`.
 
 With ``artifacts`` (the server) the recipe adds the steps that collect downloadable files
-(model zip, results, trials table, report, predictions zip) into that folder.
+(model zip, results, trials table, report, predictions zip, selection zip) into that folder.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 from ..files import atomic_write_json
 from .local import LocalJob
-from .params import Params, PredictParams, RequestError, SearchParams, TrainParams
+from .params import Params, PredictParams, RequestError, SearchParams, SelectParams, TrainParams
 from .spec import ARTIFACTS_DIR, EVENTS_NAME, MODEL_DIR_PREFIX, JobSpec, Step
 
 PathLike = Union[str, Path]
@@ -116,6 +116,38 @@ def predict_steps(params: PredictParams, job_dir: PathLike, model: PathLike, ima
     return steps
 
 
+def select_steps(params: SelectParams, job_dir: PathLike, workspace: PathLike, search: PathLike, output: PathLike, *,
+                 device: Optional[str] = None, workers: Optional[list[dict[str, str]]] = None,
+                 artifacts: Optional[PathLike] = None) -> list[Step]:
+    """nnU-Net's selection on the search at ``search``: finalize into the selection root
+    ``output`` (a re-run trains only the folds that are missing), then select."""
+    job_dir, output = Path(job_dir), Path(output)
+    argv = params.to_argv(workspace, search, output) + ["--events", str(job_dir / EVENTS_NAME)]
+    if device is not None:
+        argv += ["--device", device]
+    steps = [Step(name="finalize", argv=argv, workers=workers, remote=True,
+                  message="train the candidates on every fold"),
+             Step(name="select", argv=params.select_argv(output), remote=True,
+                  message="choose the model or ensemble and its postprocessing")]
+    if artifacts is not None:
+        artifacts = Path(artifacts)
+        steps += [
+            Step(name="export", argv=["export-model", str(output), str(artifacts / "selection.zip")],
+                 message="export the selection"),
+            Step(name="record", builtin="copy",
+                 kwargs={"source": str(output / "selection.json"), "dest": str(artifacts / "selection.json")}),
+        ]
+        if importlib.util.find_spec("AutoNNUNetLib.search.report") is not None:
+            steps += [
+                Step(name="report", argv=["report", str(search), "--selection", str(output),
+                                          "--out", str(job_dir / "report")],
+                     optional=True, message="write the report with the selection"),
+                Step(name="report-zip", builtin="zip_folder", optional=True,
+                     kwargs={"source": str(job_dir / "report"), "dest": str(artifacts / "report.zip")}),
+            ]
+    return steps
+
+
 def local_spec(params: Params, job_dir: PathLike, *, workspace: Optional[PathLike] = None,
                root: Optional[PathLike] = None, output: Optional[PathLike] = None, model: Optional[PathLike] = None,
                images: Optional[PathLike] = None, plan: bool = False, python: Optional[str] = None,
@@ -123,7 +155,8 @@ def local_spec(params: Params, job_dir: PathLike, *, workspace: Optional[PathLik
     """The job folder of a local run of ``params`` (what the Slicer module starts).
 
     search: ``workspace`` and ``root``; train: ``workspace`` and ``output``; predict: ``model``,
-    ``images`` and ``output``. ``plan`` first fingerprints/plans the workspace (once).
+    ``images`` and ``output``; select: ``workspace``, ``root`` (the search root) and ``output``
+    (the selection root). ``plan`` first fingerprints/plans the workspace (once).
     """
     job_dir = Path(job_dir).resolve()
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -142,6 +175,10 @@ def local_spec(params: Params, job_dir: PathLike, *, workspace: Optional[PathLik
         steps = ([plan_step(ws)] if plan else []) + train_steps(params, job_dir, ws, need("output", output))
     elif isinstance(params, PredictParams):
         steps = predict_steps(params, job_dir, need("model", model), need("images", images), need("output", output))
+    elif isinstance(params, SelectParams):
+        ws = need("workspace", workspace)
+        steps = ([plan_step(ws)] if plan else []) + select_steps(params, job_dir, ws, need("root", root),
+                                                                 need("output", output))
     else:
         raise RequestError(f"not a job request: {type(params).__name__}")
     atomic_write_json(job_dir / "request.json", {"kind": type(params).__name__, "params": params.to_dict()})
@@ -153,4 +190,5 @@ def start_local(params: Params, job_dir: PathLike, *, env: Optional[dict[str, st
     return LocalJob.start(local_spec(params, job_dir, **paths), env=env)
 
 
-__all__ = ["ARTIFACTS_DIR", "plan_step", "search_steps", "train_steps", "predict_steps", "local_spec", "start_local"]
+__all__ = ["ARTIFACTS_DIR", "plan_step", "search_steps", "train_steps", "predict_steps", "select_steps", "local_spec",
+           "start_local"]

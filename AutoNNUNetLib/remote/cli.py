@@ -68,7 +68,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=["dataset", "images", "model"], default="dataset")
     p.set_defaults(func=_cmd_upload)
 
-    submit = actions.add_parser("submit", help="submit a search, train or predict job")
+    submit = actions.add_parser("submit", help="submit a search, train, predict or select job")
     kinds = submit.add_subparsers(dest="kind", metavar="KIND", required=True)
 
     def job_options(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +115,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("--largest-component", action="store_true")
     job_options(pr)
     pr.set_defaults(func=_cmd_submit)
+
+    se = kinds.add_parser("select", parents=[common], help="nnU-Net's model selection on a succeeded search job "
+                                                           "(same options as `autonnunet finalize`)")
+    se.add_argument("--search-job", required=True, help="id of a succeeded search job")
+    se.add_argument("--epochs", type=int, required=True, help="final training length F")
+    se.add_argument("--top", type=int, default=1, help="next best Pareto points besides the incumbent")
+    se.add_argument("--configurations", nargs="+", default=["2d", "3d_lowres"],
+                    help="other configurations of the incumbent, or 'none'")
+    se.add_argument("--folds", nargs="+", default=["all"])
+    se.add_argument("--iterations-per-epoch", type=int)
+    se.add_argument("--seed", type=int)
+    se.add_argument("--tta", action="store_true", help="mirroring for the cross-validation and the selection")
+    se.add_argument("--no-ensembles", action="store_true", help="single models only")
+    job_options(se)
+    se.set_defaults(func=_cmd_submit)
 
     p = actions.add_parser("status", parents=[common], help="a job's state and progress")
     p.add_argument("job_id")
@@ -184,6 +199,11 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         job = client.submit_train(upload_id, epochs=args.epochs, config=config, folds=_folds(args.folds),
                                   max_epochs=args.max_epochs, iterations_per_epoch=args.iterations_per_epoch,
                                   seed=args.seed, idempotency_key=args.idempotency_key)
+    elif args.kind == "select":
+        job = client.submit_select(args.search_job, epochs=args.epochs, top=args.top, folds=_folds(args.folds),
+                                   configurations=[] if args.configurations == ["none"] else args.configurations,
+                                   iterations_per_epoch=args.iterations_per_epoch, seed=args.seed, tta=args.tta,
+                                   ensembles=not args.no_ensembles, idempotency_key=args.idempotency_key)
     else:
         images = args.images_upload or client.upload_dataset(args.images, kind="images",
                                                              progress=_upload_progress)["id"]

@@ -300,6 +300,12 @@ class RemoteClient:
         return self._submit("predict", {"images_upload_id": images_upload_id, "model_job_id": model_job_id,
                                         "model_upload_id": model_upload_id, **params}, idempotency_key)
 
+    def submit_select(self, search_job_id: str, *, idempotency_key: Optional[str] = None,
+                      **params: Any) -> dict[str, Any]:
+        """Queue nnU-Net's model selection on a succeeded search job (``epochs``, ``top``,
+        ``configurations``, ``folds``, ``tta``, ``ensembles``, ...): finalize, then select."""
+        return self._submit("select", {"search_job_id": search_job_id, **params}, idempotency_key)
+
     def status(self, job_id: str) -> dict[str, Any]:
         """The job record: ``state``, ``progress`` (trial, rung, epoch, best_dice, eta_seconds, ...),
         ``artifacts``, ``error``."""

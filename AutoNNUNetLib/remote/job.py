@@ -1,6 +1,6 @@
 """A job on the job server behind the one Job protocol (:mod:`AutoNNUNetLib.jobs.job`).
 
-:class:`RemoteJob` is what the Slicer module holds for a remote search, train or predict, the
+:class:`RemoteJob` is what the Slicer module holds for a remote search, train, predict or select, the
 same way it holds a :class:`~AutoNNUNetLib.jobs.local.LocalJob` for a local one: ``poll()``
 gives a :class:`~AutoNNUNetLib.jobs.job.JobUpdate` (state, the events and log text that are new,
 the progress fold), ``cancel()``, ``wait()``, ``job_id``, and :meth:`RemoteJob.attach` to pick a
@@ -27,7 +27,7 @@ from .client import RemoteClient, RemoteError
 
 #: What a successful job's download step fetches into ``download_dir`` (the first is required).
 DOWNLOADS = {"search": ("model.zip", "results.json"), "train": ("model.zip", "record.json"),
-             "predict": ("predictions.zip",)}
+             "predict": ("predictions.zip",), "select": ("selection.zip", "selection.json")}
 
 
 class RemoteJob:
@@ -75,8 +75,12 @@ class RemoteJob:
             body = dict(params)
             images = body.pop("images_upload_id")
             call = lambda: client.submit_predict(images, idempotency_key=idempotency_key, **body)  # noqa: E731
+        elif kind == "select":
+            body = dict(params)
+            search = body.pop("search_job_id")
+            call = lambda: client.submit_select(search, idempotency_key=idempotency_key, **body)  # noqa: E731
         else:
-            raise RemoteError(f"unknown job kind {kind!r}; use search, train or predict")
+            raise RemoteError(f"unknown job kind {kind!r}; use search, train, predict or select")
         return cls(client, submit=call, kind=kind, **options)
 
     @classmethod

@@ -18,6 +18,7 @@ from pathlib import Path
 def _cmd_finalize(args: argparse.Namespace) -> int:
     from ..events import EventWriter, ProgressEvent
     from ..folds import parse_folds
+    from ..jobs.params import SelectParams
     from ..workspace import Workspace
     from .candidates import candidates_from_models, candidates_from_search
     from .finalize import finalize
@@ -25,11 +26,13 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
 
     if bool(args.search) == bool(args.model):
         raise SelectionError("give either --search ROOT or --model DIR [DIR ...]")
+    # The one select request record (what the job server and the Slicer module send): its checks,
+    # its defaults.
+    request = SelectParams.from_args(args)
     workspace = Workspace(args.workdir, args.dataset)
-    configurations = [] if args.configurations == ["none"] else args.configurations
     if args.search:
-        candidates = candidates_from_search(Path(args.search), top=args.top, workspace=workspace,
-                                            configurations=configurations)
+        candidates = candidates_from_search(Path(args.search), top=request.top, workspace=workspace,
+                                            configurations=request.configurations)
     else:
         candidates = candidates_from_models([Path(p) for p in args.model])
     output = Path(args.output) if args.output else Path(args.search or args.model[0]).parent / "selection"
@@ -42,13 +45,14 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
             print(event.data["message"], flush=True)
 
     print("candidates: " + ", ".join(f"{c.name} ({c.configuration})" for c in candidates), flush=True)
-    result = finalize(workspace, candidates, output, epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
-                      folds=parse_folds(args.folds), device=args.device, seed=args.seed, use_mirroring=args.tta,
-                      progress=report)
+    optional = {name: getattr(request, name) for name in ("iterations_per_epoch", "seed")
+                if getattr(request, name) is not None}
+    result = finalize(workspace, candidates, output, epochs=request.epochs, folds=parse_folds(request.folds),
+                      device=request.device, use_mirroring=request.tta, progress=report, **optional)
     trained = result.trained()
     print(f"finalized {len(result.candidates)} candidate(s) in {output}; trained {len(trained)} fold(s) this run")
     if args.select:
-        return _run_select(output, allow_ensembles=True, markdown=False, as_json=False)
+        return _run_select(output, allow_ensembles=request.ensembles, markdown=False, as_json=False)
     return 0
 
 
@@ -89,12 +93,13 @@ def add_commands(subparsers) -> None:
                    help="other configurations of the incumbent where planned and preprocessed, or 'none'")
     p.add_argument("--output", help="selection root (default: beside the search root, 'selection')")
     p.add_argument("--epochs", type=int, required=True, help="final training length F")
-    p.add_argument("--iterations-per-epoch", type=int, default=250)
+    p.add_argument("--iterations-per-epoch", type=int, help="training iterations per epoch (default 250)")
     p.add_argument("--folds", nargs="+", default=["all"], help="folds (default all five)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="random seed, 0 to 2**32-1 (default 0)")
     p.add_argument("--tta", action="store_true", help="mirroring for the cross-validation and the selection")
     p.add_argument("--select", action="store_true", help="run `select` when done")
+    p.add_argument("--no-ensembles", action="store_true", help="with --select: single models only")
     p.add_argument("--events", help="append progress events (JSON lines) to this file")
     p.set_defaults(func=_cmd_finalize)
 

@@ -422,6 +422,27 @@ def test_too_many_workers_for_the_server_is_422(srv, alice_dataset):
     assert response.status_code == 422 and "slot" in response.json()["detail"]
 
 
+def test_select_jobs_are_checked_by_their_record_and_need_a_succeeded_search(srv, alice_dataset):
+    for body, field in (({"search_job_id": "j1", "epochs": 0}, "epochs"),
+                        ({"search_job_id": "j1", "configurations": ["3d_cascade_fullres"]}, "configurations"),
+                        ({"search_job_id": "j1", "top": 99}, "top"),
+                        ({"search_job_id": "j1", "epoch": 3}, "epoch"),
+                        ({"epochs": 3}, "search_job_id")):
+        response = _submit(srv, srv.alice, "select", body)
+        assert response.status_code == 422 and field in response.json()["detail"], response.text
+    assert _submit(srv, srv.alice, "select", {"search_job_id": "j0123456789abcdef", "epochs": 3}).status_code == 404
+    train = _submit(srv, srv.alice, "train", {"upload_id": alice_dataset["id"], "epochs": 50,
+                                              "iterations_per_epoch": 2}).json()
+    assert requests.post(f"{srv.api}/jobs/{train['id']}/cancel", headers=auth(srv.alice)).json()["state"] == "cancelled"
+    response = _submit(srv, srv.alice, "select", {"search_job_id": train["id"], "epochs": 3})
+    assert response.status_code == 409 and "succeeded search job" in response.json()["detail"]
+    assert _submit(srv, srv.bob, "select", {"search_job_id": train["id"], "epochs": 3}).status_code == 404
+    assert requests.delete(f"{srv.api}/jobs/{train['id']}", headers=auth(srv.alice)).status_code == 204
+    schema = requests.get(srv.url + "/openapi.json").json()["paths"]["/v1/jobs/select"]["post"]
+    body = schema["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert body["configurations"]["items"]["enum"] == ["2d", "3d_lowres"] and body["top"]["maximum"] == 20
+
+
 def _events(srv, job_id: str) -> list[dict]:
     return requests.get(f"{srv.api}/jobs/{job_id}/events", headers=auth(srv.alice)).json()["events"]
 

@@ -289,6 +289,12 @@ def create_app(settings: ServerSettings):  # -> fastapi.FastAPI (imported lazily
                        idempotency_key: Optional[str] = key_header) -> Any:
         return submit("predict", parse("predict", body), user, idempotency_key)
 
+    @app.post(API_PREFIX + "/jobs/select", response_model=JobView, status_code=201, tags=["jobs"],
+              responses=submit_errors, openapi_extra=request_body("select"))
+    def submit_select(body: dict[str, Any] = Body(...), user: str = Depends(current_user),
+                      idempotency_key: Optional[str] = key_header) -> Any:
+        return submit("select", parse("select", body), user, idempotency_key)
+
     @app.get(API_PREFIX + "/jobs", response_model=list[JobView], tags=["jobs"], responses=errors(*authed))
     def list_jobs(state: Optional[JobState] = Query(None, description="only jobs in this state"),
                   offset: int = Query(0, ge=0, le=1 << 40, description="skip this many jobs (paging)"),

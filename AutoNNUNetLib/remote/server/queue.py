@@ -23,8 +23,8 @@ from typing import Optional
 
 from ...files import sha256_file
 from ...jobs import (
-    ARTIFACTS_DIR, EVENTS_NAME, LOG_NAME, JobExit, JobSpec, LocalJob, PredictParams, SearchParams, TrainParams,
-    plan_step, predict_steps, read_exit, search_steps, train_steps,
+    ARTIFACTS_DIR, EVENTS_NAME, LOG_NAME, JobExit, JobSpec, LocalJob, PredictParams, SearchParams, SelectParams,
+    TrainParams, plan_step, predict_steps, read_exit, search_steps, select_steps, train_steps,
 )
 from ...jobs.params import Params
 from ...processes import kill_process_group, process_group_members
@@ -36,10 +36,15 @@ from .views import JobView
 
 log = logging.getLogger("AutoNNUNetLib.remote.server")
 
+#: A search job's NePS root inside its job folder (a select job reads it).
+SEARCH_ROOT = "root"
+
 ARTIFACT_DESCRIPTIONS = {
     "model.zip": "the incumbent model (nnU-Net results layout, zip)", "results.json": "search results: trials and incumbent",
     "trials.csv": "table of all trials", "report.zip": "search report (HTML and plots)",
     "record.json": "training record", "predictions.zip": "predicted label maps",
+    "selection.zip": "the selected model or ensemble with its postprocessing (nnU-Net files, zip)",
+    "selection.json": "the selection: members, cross-validation Dice of every candidate, postprocessing",
 }
 
 
@@ -109,6 +114,8 @@ class JobQueue:
             slots = params.settings().workers
         elif isinstance(params, TrainParams):
             self._ready_upload(user, params.upload_id, "dataset")
+        elif isinstance(params, SelectParams):
+            self._search_to_select(user, params)
         else:
             self._ready_upload(user, params.images_upload_id, "images")
             if params.model_upload_id is not None:
@@ -135,6 +142,19 @@ class JobQueue:
         if created:
             self.wake()
         return job, created
+
+    def _search_to_select(self, user: str, params: SelectParams) -> JobRecord:
+        """The succeeded search job a select request names (its root and workspace are read)."""
+        if not params.remote:
+            raise ApiError(422, "invalid request: search_job_id: a select job on the server needs the id of a "
+                                "succeeded search job")
+        source = self.own(user, params.search_job_id or "")
+        if source.kind != "search" or source.state != JobState.SUCCEEDED:
+            raise ApiError(409, f"job {source.id} is a {source.state} {source.kind} job; a selection needs a "
+                                "succeeded search job")
+        if not (self.paths.job(source.id) / SEARCH_ROOT / "results.json").is_file():
+            raise ApiError(409, f"job {source.id} has no search results")
+        return source
 
     # -- the loop -------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -294,8 +314,25 @@ class JobQueue:
             job = self.own(user, job_id)
             if job.state not in FINAL_JOB_STATES:
                 raise ApiError(409, f"job {job_id} is {job.state}; cancel it first")
+            readers = self.unfinished_readers(job.id)
+            if readers:
+                raise ApiError(409, f"job {job_id} is read by unfinished job(s) {', '.join(readers)}")
             self.store.delete_job(job.id)
         shutil.rmtree(self.paths.job(job.id), ignore_errors=True)
+
+    def unfinished_readers(self, object_id: str) -> list[str]:
+        """Unfinished jobs that read ``object_id`` (an upload or a job), directly or through a job
+        that names it: a select job reads its search job's root and that search's dataset."""
+        readers: list[str] = []
+        for job in self.store.jobs_using_upload(object_id):  # every job whose request names the id
+            if job.id == object_id:
+                continue
+            if job.state not in FINAL_JOB_STATES:
+                readers.append(job.id)
+            elif job.kind == "search":
+                readers += [j.id for j in self.store.jobs_using_upload(job.id)
+                            if j.id != job.id and j.state not in FINAL_JOB_STATES]
+        return list(dict.fromkeys(readers))
 
     # -- views ----------------------------------------------------------------------------------
     def view(self, job: JobRecord, position: Optional[int] = None) -> JobView:
@@ -339,7 +376,7 @@ class JobQueue:
                 if self.settings.executor == "slurm" and self.settings.slurm.partition:
                     extra += ["--slurm-partition", self.settings.slurm.partition]
             search_env = {"CUDA_VISIBLE_DEVICES": ",".join(devices) if gpu else ""}
-            steps = [plan_step(workspace)] + search_steps(params, job_dir, workspace, job_dir / "root", device=device,
+            steps = [plan_step(workspace)] + search_steps(params, job_dir, workspace, job_dir / SEARCH_ROOT, device=device,
                                                            env=search_env, extra_argv=extra, artifacts=artifacts)
         elif job.kind == "train":
             params = TrainParams.from_dict(job.params)
@@ -360,6 +397,16 @@ class JobQueue:
             model = model_zip if model_zip.suffix == ".zip" else _zip_link(model_zip, job_dir / "model-upload.zip")
             steps = predict_steps(params, job_dir, model, images, job_dir / "predictions", device=device,
                                   workers=workers[:1], artifacts=artifacts)
+        elif job.kind == "select":
+            params = SelectParams.from_dict(job.params)
+            search = self.store.get_job(params.search_job_id or "")
+            if search is None:
+                raise ApiError(409, f"search job {params.search_job_id} is gone")
+            workspace = self.paths.upload_workspace(SearchParams.from_dict(search.params).upload_id)
+            # The selection root is this job's: a re-run (after an interruption) resumes its folds,
+            # and the search job's folder is only read.
+            steps = select_steps(params, job_dir, workspace, self.paths.job(search.id) / SEARCH_ROOT, job_dir / "selection",
+                                 device=device, workers=workers[:1], artifacts=artifacts)
         else:
             raise ApiError(422, f"unknown job kind {job.kind!r}")
         return JobSpec(job_dir=str(job_dir), steps=steps, executor=self.settings.executor,

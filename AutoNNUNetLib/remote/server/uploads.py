@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
 from ...archives import ArchiveError, Member, check_expansion, extract_members, inspect_archive
 from ...files import sha256_file
 from .settings import ID_RE, IMAGE_SUFFIXES, ApiError, DataDir, ServerSettings, UploadError, _human
-from .store import FINAL_JOB_STATES, Store, UploadRecord
+from .store import Store, UploadRecord
 from .views import UploadCreate
 
 if TYPE_CHECKING:
@@ -431,7 +431,7 @@ class UploadService:
         record = self.own(user, upload_id)
         if record.state == "validating":  # the validation thread is writing into its folder
             raise ApiError(409, f"upload {upload_id} is being validated; delete it when that has ended")
-        active = [j.id for j in self.store.jobs_using_upload(upload_id) if j.state not in FINAL_JOB_STATES]
+        active = jobs.unfinished_readers(upload_id)
         if active:
             raise ApiError(409, f"upload {upload_id} is used by unfinished job(s) {', '.join(active)}")
         with self._busy_lock:

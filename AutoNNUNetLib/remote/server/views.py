@@ -133,6 +133,7 @@ class EventsChunk:
 def _request_limits() -> dict[str, dict[str, dict[str, Any]]]:
     from ...jobs import params
     from ...search import settings as search
+    from ...selection.candidates import OTHER_CONFIGURATIONS
 
     def between(low: float, high: float, exclusive: bool = False) -> dict[str, Any]:
         return {"exclusiveMinimum" if exclusive else "minimum": low, "maximum": high}
@@ -156,6 +157,11 @@ def _request_limits() -> dict[str, dict[str, dict[str, Any]]]:
             "folds": {"minimum": 0, "maximum": 4},
         },
         "predict": {"folds": {"minimum": 0, "maximum": 4}},
+        "select": {
+            "epochs": between(1, params.MAX_EPOCHS), "iterations_per_epoch": between(1, params.MAX_ITERATIONS),
+            "top": between(0, params.MAX_TOP), "seed": between(0, search.SEED_LIMIT - 1),
+            "folds": {"minimum": 0, "maximum": 4}, "configurations": {"enum": list(OTHER_CONFIGURATIONS)},
+        },
     }
 
 
@@ -170,6 +176,8 @@ def _constrain(schema: dict[str, Any], rule: dict[str, Any]) -> None:
             branch.update({k: v for k, v in rule.items() if k != "enum"})
         elif kind == "array" and branch.get("items", {}).get("type") == "integer":
             branch["items"].update({k: v for k, v in rule.items() if k != "enum"})
+        elif kind == "array" and branch.get("items", {}).get("type") == "string" and "enum" in rule:
+            branch["items"]["enum"] = rule["enum"]
 
 
 def request_schema(kind: str) -> dict[str, Any]:
