@@ -316,7 +316,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Segment one case (-i one file per channel, or one 4D file holding them; -o the label map "
         "file) or a folder of cases in nnU-Net naming (-i FOLDER with <case>_0000.nii.gz ..., -o an output folder).",
     )
-    parser.add_argument("--model", required=True, type=Path, help="model folder (nnU-Net results layout)")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="model folder (nnU-Net results layout), or a selection root (`autonnunet select`)")
     parser.add_argument("-i", "--input", dest="inputs", nargs="+", required=True, type=Path, help="images or a folder")
     parser.add_argument("-o", "--output", required=True, type=Path, help="label map file or output folder")
     parser.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
@@ -333,6 +334,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                         help="tile forward pass on CPU (default auto = torch)")
     parser.add_argument("--save-probabilities", type=Path, default=None, metavar="FILE.npy",
                         help="also write the class probabilities (one case only), slab by slab")
+    parser.add_argument("--members", nargs="+", default=None, metavar="NAME",
+                        help="a selection's ensemble members to use (default: all)")
     parser.set_defaults(func=_cmd_predict)
 
 
@@ -343,6 +346,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     folds = None
     if args.folds is not None:
         folds = ["all"] if [f.lower() for f in args.folds] == ["all"] else parse_folds(args.folds)
+    from .selection.archive import is_selection_root
+
+    if is_selection_root(args.model):
+        return _predict_selection(args, folds)
+    if args.members is not None:
+        raise PredictionError(f"{args.model}: --members takes a selection root (selection.json); this is one model")
     # Everything a file or the machine can tell is checked before the model loads (seconds).
     info = check_model_folder(args.model, folds, args.checkpoint)
     folder_mode = len(args.inputs) == 1 and args.inputs[0].is_dir()
@@ -382,6 +391,57 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             writer.emit("stage", name="predict", message="segmenting")
         print(predictor.predict(read_case(specs), progress=writer,
                                 save_probabilities=args.save_probabilities).write(args.output))
+    if writer is not None:
+        writer.emit("finished", state="succeeded", message="segmentation written")
+    return 0
+
+
+def _predict_selection(args: argparse.Namespace, folds: Optional[list]) -> int:
+    """``predict --model <selection root>``: the selection's members (or ``--members``), folds and
+    postprocessing, in memory (:class:`~AutoNNUNetLib.selection.predictor.Selection`). Test-time
+    mirroring is on with ``--mirroring`` only, as for one model."""
+    from .devices import resolve_device
+    from .selection.choose import SelectionResult
+    from .selection.predictor import Selection
+
+    unsupported = [flag for flag, given in (("--largest-component", args.largest_component),
+                                            ("--max-memory", args.max_memory is not None),
+                                            ("--engine", args.engine != "auto"),
+                                            ("--save-probabilities", args.save_probabilities is not None),
+                                            ("--original-labels", args.original_labels),
+                                            ("--checkpoint", args.checkpoint != CHECKPOINT_NAME)) if given]
+    if unsupported:
+        raise PredictionError(f"{args.model}: a selection predicts with its own folds' checkpoints and the "
+                              f"postprocessing it selected; {', '.join(unsupported)} take one model folder")
+    result = SelectionResult.load(args.model)
+    if folds == ["all"] or (folds is not None and any(f not in result.folds for f in folds)):
+        raise PredictionError(f"{args.model}: the selection was made on folds {result.folds}; --folds picks "
+                              f"among them, got {folds}")
+    names = [m["name"] for m in result.members]
+    unknown = [m for m in args.members or () if m not in names]
+    if unknown:
+        raise PredictionError(f"{args.model}: {', '.join(unknown)} is not a member of the selection ({', '.join(names)})")
+    first = args.model / result.members[0]["model_dir"]
+    info = check_model_folder(first, folds if folds is not None else result.folds)
+    folder_mode = len(args.inputs) == 1 and args.inputs[0].is_dir()
+    if folder_mode:
+        check_output_folder(args.output)
+        check_folder_cases(args.inputs[0], info.file_ending, len(info.channel_names))
+    else:
+        check_output_file(args.output)
+        specs = case_channels(args.inputs, len(info.channel_names))
+    resolve_device(args.device)
+    writer = EventWriter(args.events) if args.events else None
+    if writer is not None:
+        writer.emit("stage", name="predict", message=f"loading the selection {args.model}")
+    selection = Selection(args.model, device=args.device, folds=folds, members=args.members,
+                          use_mirroring=bool(args.mirroring))
+    if writer is not None:
+        writer.emit("stage", name="predict", message="segmenting with " + " + ".join(m["name"] for m in selection.members))
+    if folder_mode:
+        print(json.dumps([str(p) for p in selection.predict_folder(args.inputs[0], args.output)]))
+    else:
+        print(selection.predict(read_case(specs)).write(args.output))
     if writer is not None:
         writer.emit("finished", state="succeeded", message="segmentation written")
     return 0

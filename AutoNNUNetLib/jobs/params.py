@@ -241,6 +241,7 @@ class PredictParams(_Record):
     device: str = "auto"
     folds: Optional[FoldsField] = None     # None: every fold the model has
     max_memory_gb: Optional[float] = None  # the bounded prediction's budget (None: slabs of ~512 MB)
+    members: Optional[list[str]] = None    # a selection's ensemble members to use (None: all)
 
     def __post_init__(self) -> None:
         _check_text("images_upload_id", self.images_upload_id, optional=False)
@@ -253,6 +254,11 @@ class PredictParams(_Record):
         self.device = _device(self.device)
         if self.folds is not None and self.folds != "all":
             self.folds = _folds(self.folds)
+        if self.members is not None:
+            if (not isinstance(self.members, list) or not self.members
+                    or not all(isinstance(m, str) and m.strip() for m in self.members)):
+                raise RequestError(f"members: expected a non-empty list of member names, got {self.members!r}")
+            self.members = list(dict.fromkeys(self.members))
         if self.max_memory_gb is not None:
             from ..bounded.budget import check_budget_value
 
@@ -278,6 +284,8 @@ class PredictParams(_Record):
             argv += ["--folds", *_folds_argv(self.folds)]
         if self.max_memory_gb is not None:
             argv += ["--max-memory", repr(float(self.max_memory_gb))]
+        if self.members is not None:
+            argv += ["--members", *self.members]
         return argv
 
 
