@@ -8,10 +8,11 @@ runner and the model record.
 
 from __future__ import annotations
 
-from .errors import AutoNNUNetError
+from .errors import AutoNNUNetError, UserInputError
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
 LR_SCHEDULERS = ("PolyLR", "CosineAnnealing", "none")
@@ -21,10 +22,45 @@ ENCODER_TYPES = ("conv", "residual")
 MODEL_SCALES = (0.5, 1.0, 1.5, 2.0)
 ACTIVATIONS = ("LeakyReLU", "ReLU", "ELU", "GELU", "PReLU")
 NORMALIZATIONS = ("InstanceNorm", "BatchNorm")
+#: nnU-Net's configurations a trial can train (the cascade's 3d_cascade_fullres needs the low-res
+#: stage's predictions as input, which this trainer does not produce). Whether the dataset's plans
+#: hold one is checked against the plans (:func:`check_planned`), not here.
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+#: nnU-Net's default configuration (its planner's and ``nnUNetv2_train``'s first choice).
+DEFAULT_CONFIGURATION = "3d_fullres"
 
 
 class ConfigError(AutoNNUNetError, ValueError):
     """A trial configuration holds a value outside its space."""
+
+
+class ConfigurationNotPlanned(UserInputError):
+    """The requested nnU-Net configuration (2d, 3d_fullres, 3d_lowres) is not in the dataset's plans."""
+
+
+def planned_configurations(plans: dict) -> list[str]:
+    """The configurations of ``plans`` a trial can train (those of :data:`CONFIGURATIONS`)."""
+    return [name for name in plans.get("configurations", {}) if name in CONFIGURATIONS]
+
+
+def check_planned(plans: dict, configurations: Sequence[str], preprocessed: Optional[Path] = None) -> None:
+    """Raise :class:`ConfigurationNotPlanned` naming the first configuration the plans lack.
+
+    With ``preprocessed`` (the dataset's preprocessed folder), a planned configuration whose data
+    was not preprocessed is refused too: there is nothing to train on (``autonnunet fingerprint
+    --configurations`` preprocesses it).
+    """
+    planned = planned_configurations(plans)
+    for name in configurations:
+        if name not in planned:
+            raise ConfigurationNotPlanned(
+                f"configuration {name!r} is not planned for this dataset (planned: {', '.join(planned) or 'none'})")
+        if preprocessed is not None:
+            identifier = plans["configurations"][name].get("data_identifier")
+            if not identifier or not (Path(preprocessed) / identifier).is_dir():
+                raise ConfigurationNotPlanned(
+                    f"configuration {name!r} is planned but not preprocessed ({Path(preprocessed) / str(identifier)} "
+                    "is missing); preprocess it first")
 
 
 @dataclass
@@ -52,6 +88,8 @@ class TrialConfig:
     n_stages: Optional[int] = None
     blocks_per_stage_encoder: Optional[list[int]] = None
     blocks_per_stage_decoder: Optional[list[int]] = None
+    # --- nnU-Net's configuration (a searched choice with SearchSettings.configurations) ---
+    configuration: str = DEFAULT_CONFIGURATION
 
     def validate(self) -> "TrialConfig":
         """Raise :class:`ConfigError` naming the first bad field; return self otherwise."""
@@ -72,6 +110,7 @@ class TrialConfig:
             ("max_features", self.max_features >= self.base_num_features, ">= base_num_features"),
             ("dropout_rate", 0.0 <= self.dropout_rate < 1.0, "in [0, 1)"),
             ("n_stages", self.n_stages is None or self.n_stages >= 1, "None or >= 1"),
+            ("configuration", self.configuration in CONFIGURATIONS, f"one of {CONFIGURATIONS}"),
         ]
         for name, ok, expected in checks:
             if not ok:

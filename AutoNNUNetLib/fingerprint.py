@@ -190,7 +190,6 @@ def plan_and_preprocess(
         DatasetFingerprintExtractor,
     )
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     with workspace.activate(), _nnunet_output(verbose):
         emit(ProgressEvent("stage", {"name": "fingerprint", "message": f"extracting the fingerprint of {dataset_name}"}))
@@ -207,20 +206,7 @@ def plan_and_preprocess(
 
         planned = list(plans["configurations"])
         todo = _configurations_to_preprocess(configurations, planned)
-        plans_manager = PlansManager(str(workspace.plans_file))
-        for index, name in enumerate(todo):
-            emit(ProgressEvent("stage", {"name": "fingerprint", "message": f"preprocessing {name}"}))
-            configuration_manager = plans_manager.get_configuration(name)
-            preprocessor = configuration_manager.preprocessor_class(verbose=verbose)
-            preprocessor.show_progress_bar = verbose
-            preprocessor.run(dataset_name, name, PLANS_NAME, num_processes=num_processes)
-            emit(
-                ProgressEvent(
-                    "progress",
-                    {"fraction": 0.4 + 0.5 * (index + 1) / len(todo), "message": f"{name} preprocessed"},
-                )
-            )
-        _copy_ground_truth(workspace)
+        _preprocess(workspace, todo, num_processes, emit, verbose)
 
     dataset_json = workspace.load_dataset_json()
     counts = count_class_voxels(workspace.raw_dataset, dataset_json)
@@ -228,6 +214,48 @@ def plan_and_preprocess(
     summary = summarize(workspace, configuration=todo[0])
     emit(ProgressEvent("progress", {"fraction": 1.0, "message": "fingerprint and plans ready"}))
     return summary
+
+
+def preprocess(
+    workspace: Workspace,
+    configurations: Sequence[str],
+    num_processes: int = 2,
+    progress: Optional[ProgressCallback] = None,
+    verbose: bool = False,
+) -> None:
+    """Preprocess more configurations of an already planned workspace (the plans stay as they are).
+
+    For a configuration the first run left out, e.g. ``2d`` for a search that takes the
+    configuration as a choice. Raises :class:`FingerprintError` for a configuration not planned.
+    """
+    if not workspace.plans_file.is_file():
+        raise FingerprintError(f"{workspace.plans_file} is missing: plan the dataset first")
+    plans = _load_json_file(workspace.plans_file, ("configurations",))
+    todo = _configurations_to_preprocess(configurations, list(plans["configurations"]))
+    with workspace.activate(), _nnunet_output(verbose):
+        _preprocess(workspace, todo, max(1, int(num_processes)), progress or (lambda event: None), verbose)
+
+
+def _preprocess(workspace: Workspace, todo: Sequence[str], num_processes: int, emit: ProgressCallback,
+                verbose: bool) -> None:
+    """nnU-Net's preprocessor for each of ``todo`` (inside ``workspace.activate()``)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    dataset_name = workspace.require_dataset()
+    plans_manager = PlansManager(str(workspace.plans_file))
+    for index, name in enumerate(todo):
+        emit(ProgressEvent("stage", {"name": "fingerprint", "message": f"preprocessing {name}"}))
+        configuration_manager = plans_manager.get_configuration(name)
+        preprocessor = configuration_manager.preprocessor_class(verbose=verbose)
+        preprocessor.show_progress_bar = verbose
+        preprocessor.run(dataset_name, name, PLANS_NAME, num_processes=num_processes)
+        emit(
+            ProgressEvent(
+                "progress",
+                {"fraction": 0.4 + 0.5 * (index + 1) / len(todo), "message": f"{name} preprocessed"},
+            )
+        )
+    _copy_ground_truth(workspace)
 
 
 def _configurations_to_preprocess(requested: Sequence[str], planned: Sequence[str]) -> list[str]:
@@ -493,6 +521,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", default=None, help="DatasetNNN_Name (needed when the workspace holds several)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument(
+        "--configurations", nargs="+", default=["3d_fullres"],
+        help="configurations to preprocess (default 3d_fullres; e.g. 2d 3d_fullres for a search over both)",
+    )
+    parser.add_argument(
         "--summary-only", action="store_true", help="do not recompute: summarize the existing plans"
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -505,7 +537,7 @@ def _run_command(args: argparse.Namespace) -> int:
         summary = summarize(workspace)
     else:
         summary = plan_and_preprocess(
-            workspace, num_processes=args.processes, progress=_log_progress, verbose=bool(getattr(args, "verbose", False))
+            workspace, configurations=args.configurations, num_processes=args.processes, progress=_log_progress, verbose=bool(getattr(args, "verbose", False))
         )
     if args.json:
         json.dump(summary.to_dict(), sys.stdout, indent=2)

@@ -73,9 +73,15 @@ def default_decoder_blocks(n_stages: int, encoder_type: str = "conv") -> list[in
     return [per_stage] * (n_stages - 1)
 
 
-def architecture_kwargs(plans: dict, config: TrialConfig, configuration: str = "3d_fullres") -> tuple[str, dict]:
-    """The dynamic_network_architectures class name and kwargs (as plans store them) for ``config``."""
+def architecture_kwargs(plans: dict, config: TrialConfig, configuration: Optional[str] = None) -> tuple[str, dict]:
+    """The dynamic_network_architectures class name and kwargs (as plans store them) for ``config``.
+
+    ``configuration`` defaults to the config's own. Everything dimension-dependent (convolution,
+    normalization and dropout operators, kernel sizes, strides) comes from that configuration's
+    plans, so the same searched choices build a valid 2d network as well as a 3d one.
+    """
     config.validate()
+    configuration = configuration or config.configuration
     try:
         planned = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
     except KeyError as error:
@@ -200,13 +206,14 @@ def fit_patch_and_batch(plans: dict, dataset_json: dict, class_name: str, kwargs
     return PatchAndBatch(patch_size=patch, batch_size=int(batch), feature_map_size=estimate, budget=budget)
 
 
-def apply_config_to_plans(plans: dict, config: TrialConfig, configuration: str = "3d_fullres",
+def apply_config_to_plans(plans: dict, config: TrialConfig, configuration: Optional[str] = None,
                           dataset_json: Optional[dict] = None) -> dict:
     """A copy of ``plans`` whose ``configuration`` entry describes the network of ``config``.
 
     With ``dataset_json`` (channels, labels and case count), the patch and batch size are
     re-derived for that network by :func:`fit_patch_and_batch`; without it they stay as planned.
     """
+    configuration = configuration or config.configuration
     class_name, kwargs = architecture_kwargs(plans, config, configuration)
     new_plans = copy.deepcopy(plans)
     entry = new_plans["configurations"][configuration]
@@ -228,10 +235,11 @@ def build_network(
     plans: dict,
     dataset_json: dict,
     config: TrialConfig,
-    configuration: str = "3d_fullres",
+    configuration: Optional[str] = None,
     deep_supervision: bool = True,
 ):
     """Instantiate the network of ``config`` exactly as stock nnU-Net would from the new plans."""
+    configuration = configuration or config.configuration
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

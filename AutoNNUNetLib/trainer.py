@@ -111,6 +111,13 @@ class TrainResult:
 # training driver
 
 
+def _with_configuration(config: TrialConfig, configuration: Optional[str]) -> TrialConfig:
+    """``config`` in ``configuration`` (None: its own)."""
+    if configuration is None or configuration == config.configuration:
+        return config
+    return config.replace(configuration=configuration)
+
+
 @contextlib.contextmanager
 def _training_environment(device_type: str):
     """Process settings for training that must not leak into the caller's environment."""
@@ -150,6 +157,10 @@ def _read_checkpoint_meta(path: Path) -> dict:
         raise TrainingError(f"{path} was not written by AutoNNUNet (no '{CHECKPOINT_KEY}' entry); cannot resume it")
     meta = dict(meta)
     meta["epoch"] = int(checkpoint["current_epoch"])
+    if "configuration" not in (meta.get("config") or {}):
+        # Written before the configuration was a TrialConfig field: nnU-Net's own record of it.
+        configuration = (checkpoint.get("init_args") or {}).get("configuration") or "3d_fullres"
+        meta["config"] = {**(meta.get("config") or {}), "configuration": configuration}
     return meta
 
 
@@ -166,20 +177,22 @@ def train_fold(
     device: Union[str, Any] = "auto",
     seed: Optional[int] = None,
     progress: Optional[ProgressCallback] = None,
-    configuration: str = "3d_fullres",
+    configuration: Optional[str] = None,
     max_validation_cases: Optional[int] = None,
 ) -> FoldResult:
     """Train one fold of ``config`` to ``epochs`` (of a ``max_epochs`` schedule); see :func:`train`."""
     from nnunetv2.utilities.helpers import empty_cache
 
+    from .config import check_planned
+
     t_setup = time.perf_counter()
+    config = _with_configuration(config, configuration)
+    configuration = config.configuration
     output_dir = Path(output_dir)
+    plans = workspace.load_plans()
+    check_planned(plans, [configuration], workspace.preprocessed_dataset)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch_device = resolve_device(device)
-    plans = workspace.load_plans()
-    if configuration not in plans["configurations"]:
-        raise TrainingError(f"the plans have no configuration {configuration!r} "
-                            f"(available: {', '.join(plans['configurations'])})")
     from .network import apply_config_to_plans
 
     dataset_json = workspace.load_dataset_json()
@@ -320,7 +333,7 @@ def train(
     device: Union[str, Any] = "auto",
     seed: Optional[int] = None,
     progress: Optional[ProgressCallback] = None,
-    configuration: str = "3d_fullres",
+    configuration: Optional[str] = None,
     max_validation_cases: Optional[int] = None,
 ) -> TrainResult:
     """Train ``config`` on ``folds`` to ``epochs`` epochs of a ``max_epochs`` schedule.
@@ -337,9 +350,15 @@ def train(
             only the missing epochs are trained.
         device: ``auto`` (CUDA, then MPS, then CPU), ``cuda``, ``cuda:N``, ``mps`` or ``cpu``.
         progress: receives ``epoch`` events.
+        configuration: nnU-Net's configuration (2d, 3d_fullres, 3d_lowres) to train; default
+            ``config.configuration``. Given, it replaces the config's (the record says what trained).
         max_validation_cases: validate on at most this many cases of each fold (quick profiles).
+
+    Raises :class:`~AutoNNUNetLib.config.ConfigurationNotPlanned` when the plans lack the
+    configuration or its data was not preprocessed.
     """
-    config = config.validate()
+    config = _with_configuration(config.validate(), configuration)
+    configuration = config.configuration
     max_epochs = int(max_epochs or epochs)
     if not 1 <= epochs <= max_epochs:
         raise TrainingError(f"epochs must be in 1..max_epochs ({max_epochs}), got {epochs}")
@@ -348,6 +367,9 @@ def train(
     folds = [int(f) for f in folds]
     if not folds:
         raise TrainingError("no folds to train")
+    from .config import check_planned
+
+    check_planned(workspace.load_plans(), [configuration], workspace.preprocessed_dataset)  # before any file
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -416,7 +438,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     workspace = Workspace(args.workdir, args.dataset)
     config = load_config_argument(args.config) if args.config or request.config is None \
         else TrialConfig.from_dict(request.config)
-    output = Path(args.output) if args.output else workspace.results / workspace.require_dataset() / model_dir_name()
+    output = Path(args.output) if args.output else \
+        workspace.results / workspace.require_dataset() / model_dir_name(config.configuration)
     writer = EventWriter(args.events) if args.events else None
 
     def report(event: ProgressEvent) -> None:

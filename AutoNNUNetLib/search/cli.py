@@ -104,6 +104,8 @@ def settings_from_args(args: argparse.Namespace, stored: Optional[dict[str, Any]
     flags = {name: getattr(args, name, None) for name in ARGV_FIELDS}
     flags["gpus"] = _gpus(args.gpus)
     flags["slurm"] = _slurm(args.slurm)
+    if args.configurations is not None:
+        flags["configurations"] = [c for value in args.configurations for c in value.split(",") if c]
     if args.slurm_partition:
         flags["slurm"] = {**(flags["slurm"] or values.get("slurm") or {}), "slurm_partition": args.slurm_partition}
     given = {k: v for k, v in flags.items() if v is not None}
@@ -142,7 +144,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         settings = settings.replace(launcher="submitit")
     if args.source is not None and stored is None:
         # After the settings were checked: a typo in a flag fails before minutes of preprocessing.
-        prepare_workspace(args.source, args.workdir, args.dataset, progress=_log_stage)
+        prepare_workspace(args.source, args.workdir, args.dataset, progress=_log_stage,
+                          configurations=settings.configurations or ("3d_fullres",))
     if args.estimate_only:
         estimate = estimate_search(workspace, settings)
         print(json.dumps(estimate.to_dict(), indent=2) if args.json else estimate.text)
@@ -197,7 +200,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-validation-cases", type=int)
     parser.add_argument("--runtime-weight", type=float, help="0 = plain PriorBand; default 1 (Regularized)")
     parser.add_argument("--optimizer", choices=OPTIMIZER_NAMES)
-    parser.add_argument("--configuration", default=None)
+    parser.add_argument("--configuration", default=None,
+                        help="nnU-Net configuration of the prior (default 3d_fullres, nnU-Net's default)")
+    parser.add_argument("--configurations", nargs="+", default=None,
+                        help="search the configuration too, among these planned ones (e.g. 2d 3d_fullres or "
+                             "2d,3d_fullres); default: only --configuration")
     parser.add_argument("--workers", type=int)
     parser.add_argument("--gpus", nargs="+", help="GPU ids to spread workers over (default: the visible ones)")
     parser.add_argument("--launcher", choices=LAUNCHERS)

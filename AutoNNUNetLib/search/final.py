@@ -76,7 +76,7 @@ def _train(workspace: Any, config: TrialConfig, target: Path, settings: Any, *, 
         from ..trainer import train
     return train(workspace, config, target, folds=folds, epochs=settings.max_epochs, max_epochs=settings.max_epochs,
                  iterations_per_epoch=settings.iterations_per_epoch, resume_from=resume_from, device=settings.device,
-                 seed=seed, configuration=settings.configuration, max_validation_cases=settings.max_validation_cases,
+                 seed=seed, max_validation_cases=settings.max_validation_cases,
                  progress=lambda e: emit(ProgressEvent(e.kind, {**e.data, "trial": tag}, e.time)))
 
 
@@ -101,7 +101,8 @@ def finish_search(root: Union[str, Path], *, progress: Optional[ProgressCallback
         return results
     winner, level = chosen
     emit = fanout(EventWriter(root / EVENTS_NAME), progress)
-    default = _configurations(results.trials, list(settings.folds)).get(config_key(TrialConfig().to_dict()))
+    default_config = settings.prior_config().to_dict()  # nnU-Net's default in the prior's configuration
+    default = _configurations(results.trials, list(settings.folds)).get(config_key(default_config))
     final: dict[str, Any] = {"config": winner["config"], "compared_at": level, "epochs": F,
                              "trial_id": winner["dice"][level][1], "is_default": winner is default,
                              "epochs_trained_total": spent_before}
@@ -113,7 +114,7 @@ def finish_search(root: Union[str, Path], *, progress: Optional[ProgressCallback
         final = previous  # trained by an earlier run of this search
     else:
         start, source, _ = winner["checkpoint"]
-        target = root / FINAL_DIR / model_dir_name(settings.configuration)
+        target = root / FINAL_DIR / model_dir_name(TrialConfig.from_dict(winner["config"]).configuration)
         emit(ProgressEvent("stage", {"name": "final", "message": (
             f"final model: {final['trial_id']} (best at {level} epochs) continues from epoch {start} to {F}")}))
         result = _train(workspace, TrialConfig.from_dict(winner["config"]), target, settings,
@@ -138,7 +139,7 @@ def finish_search(root: Union[str, Path], *, progress: Optional[ProgressCallback
     if model_dir and Path(model_dir).is_dir():
         best = TrialRecord(trial_id=f"final:{final['choice']}", config_id=0, rung=None, epochs=F,
                            state=TrialState.SUCCEEDED,
-                           config=TrialConfig().to_dict() if use_default else winner["config"],
+                           config=default_config if use_default else winner["config"],
                            mean_dice=final["default_dice"] if use_default else final.get("mean_dice"))
         copy_incumbent(root, best, Path(model_dir))
     final["incumbent_model_dir"] = str(next((p for p in (root / "incumbent").glob("*__*__*") if p.is_dir()), ""))
@@ -171,14 +172,15 @@ def confirm_search(root: Union[str, Path], *, progress: Optional[ProgressCallbac
         return results
     emit = fanout(EventWriter(root / EVENTS_NAME), progress)
     base_seed = settings.seed or 0
-    configs = {"incumbent": winner, "default": TrialConfig().to_dict()}
+    configs = {"incumbent": winner, "default": settings.prior_config().to_dict()}
     confirmation: dict[str, Any] = {"fold": fold, "seeds": settings.confirm_seeds, "epochs": settings.max_epochs,
                                     "same_config": config_key(winner) == config_key(configs["default"])}
     for name, config in configs.items():
         dice, seconds = [], []
         for s in range(int(settings.confirm_seeds)):
             source = "incumbent" if name == "default" and confirmation["same_config"] else name
-            target = root / CONFIRM_DIR / f"{source}_seed{s}" / model_dir_name(settings.configuration)
+            target = root / CONFIRM_DIR / f"{source}_seed{s}" / model_dir_name(
+                TrialConfig.from_dict(config).configuration)
             record = read_json(target / "autonnunet.json") or {}
             if record.get("epochs") != settings.max_epochs or config_key(record.get("config") or {}) != config_key(config):
                 if target.exists():  # another winner's (the search went on), or an interrupted run

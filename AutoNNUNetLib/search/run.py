@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from ..events import EventWriter, ProgressCallback, ProgressEvent, fanout
 from ..files import atomic_write_json, read_json
@@ -37,10 +37,22 @@ log = logging.getLogger(__name__)
 # the space and the optimizer of a search
 
 
-def _planned_stages(workspace: Workspace, configuration: str) -> int:
+def _planned_stages(workspace: Workspace, settings: SearchSettings) -> Any:
+    """What ``hpo_hnas`` needs: the planner's stage count (per configuration when several are searched)."""
     from .space import planned_stage_count
 
-    return planned_stage_count(workspace.load_plans(), configuration)
+    if settings.space != "hpo_hnas":
+        return None
+    plans = workspace.load_plans()
+    counts = {name: planned_stage_count(plans, name) for name in settings.configurations or ()}
+    return counts if len(counts) > 1 else counts[settings.configuration]
+
+
+def check_configurations(settings: SearchSettings, workspace: Workspace) -> None:
+    """Every searched configuration is planned and preprocessed (else ConfigurationNotPlanned)."""
+    from ..config import check_planned
+
+    check_planned(workspace.load_plans(), list(settings.configurations or ()), workspace.preprocessed_dataset)
 
 
 def make_space(settings: SearchSettings, workspace: Workspace, prior: Any = None):
@@ -51,8 +63,9 @@ def make_space(settings: SearchSettings, workspace: Workspace, prior: Any = None
         min_epochs=settings.min_epochs,
         max_epochs=settings.max_epochs,
         prior_confidence=settings.prior_confidence,  # type: ignore[arg-type]
-        planned_stages=_planned_stages(workspace, settings.configuration) if settings.space == "hpo_hnas" else None,
-        **({"prior": prior} if prior is not None else {}),
+        planned_stages=_planned_stages(workspace, settings),
+        prior=prior if prior is not None else settings.prior_config(),
+        configurations=settings.configurations,
     )
 
 
@@ -63,12 +76,15 @@ def portfolio_configs(settings: SearchSettings, workspace: Workspace) -> list[di
     from .portfolio import portfolio
     from .space import neps_config_from_trial
 
-    stages = _planned_stages(workspace, settings.configuration) if settings.space == "hpo_hnas" else None
+    stages = _planned_stages(workspace, settings)
     configs = []
     for config in portfolio(settings.space, workspace.require_dataset()):
+        # The reference searched 3d_fullres only; its incumbents start in the prior's configuration.
+        config = config.replace(configuration=settings.configuration)
         configs.append(neps_config_from_trial(settings.space, config, int(settings.min_epochs),  # type: ignore
                                               min_epochs=int(settings.min_epochs),  # type: ignore[arg-type]
-                                              max_epochs=int(settings.max_epochs), planned_stages=stages))  # type: ignore
+                                              max_epochs=int(settings.max_epochs), planned_stages=stages,
+                                              configurations=settings.configurations))
     return configs
 
 
@@ -170,6 +186,7 @@ def run_search(
         settings = settings or stored_settings
         workspace = workspace or stored_workspace
     plan = plan_for(settings)  # a budget too small for one trial fails here, before anything runs
+    check_configurations(settings, workspace)  # an unplanned 3d_lowres fails here too
     settings = _write_settings(root, workspace, settings)
     if settings.workers > 1 and settings.launcher == "inline":
         settings = settings.replace(launcher="submitit")
@@ -245,13 +262,12 @@ def retrain_incumbent(
         raise SearchError(f"{root} has no successful trial to retrain")
     emit = fanout(EventWriter(root / EVENTS_NAME), progress)
     config = TrialConfig.from_dict(best.config)
-    target = root / FINAL_DIR / model_dir_name(settings.configuration)
+    target = root / FINAL_DIR / model_dir_name(config.configuration)
     emit(ProgressEvent("stage", {"name": "train", "message": f"final training of {best.trial_id} on folds "
                                                               f"{', '.join(map(str, folds))}"}))
     result = train(workspace, config, target, folds=list(folds), epochs=settings.max_epochs,
                    max_epochs=settings.max_epochs, iterations_per_epoch=settings.iterations_per_epoch,
-                   device=settings.device, seed=settings.seed, configuration=settings.configuration,
-                   max_validation_cases=max_validation_cases,
+                   device=settings.device, seed=settings.seed, max_validation_cases=max_validation_cases,
                    progress=lambda e: emit(ProgressEvent(e.kind, {**e.data, "trial": "final"}, e.time)))
     final = {"trial_id": best.trial_id, "folds": list(folds), "epochs": int(result.epochs),
              "mean_dice": result.mean_dice, "dice_per_class": result.dice_per_class,
@@ -268,15 +284,19 @@ def retrain_incumbent(
 
 
 def prepare_workspace(source: Union[str, Path], workdir: Union[str, Path], dataset: Optional[str] = None,
-                      progress: Optional[ProgressCallback] = None) -> Workspace:
+                      progress: Optional[ProgressCallback] = None,
+                      configurations: Sequence[str] = ("3d_fullres",)) -> Workspace:
     """A planned workspace for ``source`` (MSD or nnU-Net raw folder), built only where missing.
 
     The dataset is assembled (and validated) when the workspace holds none; nnU-Net's fingerprint,
     plan and preprocessing run when there are no plans yet. A workspace that already holds a
     dataset is used as it is, so rerunning the same command resumes instead of rebuilding.
+    ``configurations`` (the searched ones) are preprocessed where planned and not preprocessed yet;
+    an unplanned one is left for the search's own check to name.
     """
+    from ..config import planned_configurations
     from ..dataset import build_dataset, detect_source
-    from ..fingerprint import plan_and_preprocess
+    from ..fingerprint import plan_and_preprocess, preprocess
 
     workspace = Workspace(Path(workdir), dataset)
     if not any(workspace.raw.glob("Dataset*")):
@@ -287,4 +307,9 @@ def prepare_workspace(source: Union[str, Path], workdir: Union[str, Path], datas
                  workspace.root, workspace.require_dataset(), source)
     if not workspace.plans_file.is_file():
         plan_and_preprocess(workspace, progress=progress)
+    plans = workspace.load_plans()
+    missing = [name for name in configurations if name in planned_configurations(plans)
+               and not (workspace.preprocessed_dataset / plans["configurations"][name]["data_identifier"]).is_dir()]
+    if missing:
+        preprocess(workspace, missing, progress=progress)
     return workspace

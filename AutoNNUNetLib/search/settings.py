@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from ..config import CONFIGURATIONS
 from ..devices import check_device_name
 from ..errors import AutoNNUNetError
 from ..folds import parse_folds
@@ -48,7 +49,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 IDENTITY_FIELDS = (
     "space", "min_epochs", "max_epochs", "eta", "prior_confidence", "prior_first", "folds",
     "iterations_per_epoch", "max_validation_cases", "runtime_weight", "optimizer", "configuration", "seed",
-    "portfolio",
+    "portfolio", "configurations",
 )
 
 #: Upper limits: far above any real search, low enough that a typo (or 10**30) is caught at once.
@@ -97,7 +98,12 @@ class SearchSettings:
     runtime_weight: float = 1.0
     #: "priorband" (multi-fidelity) or "random" (random search at full fidelity, a baseline).
     optimizer: str = "priorband"
+    #: nnU-Net's configuration of the prior (nnU-Net's default: 3d_fullres); the only one trained
+    #: unless ``configurations`` names more.
     configuration: str = "3d_fullres"
+    #: The configurations the search chooses among (a categorical hyperparameter with prior
+    #: ``configuration``), each of which the dataset's plans must hold. None: ``[configuration]``.
+    configurations: Optional[list[str]] = None
     seed: Optional[int] = None
     #: Warm start from the reference's published incumbents (other datasets only). None: on when
     #: a ``budget`` is given, off otherwise.
@@ -162,8 +168,7 @@ class SearchSettings:
         for name in ("prior_first", "portfolio"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise SearchError(f"{name}: expected true or false, got {getattr(self, name)!r}")
-        if not isinstance(self.configuration, str) or not self.configuration:
-            raise SearchError(f"configuration: expected an nnU-Net configuration name, got {self.configuration!r}")
+        self._check_configurations()
         if not isinstance(self.slurm, dict):
             raise SearchError(f"slurm: expected a mapping of submitit parameters, got {self.slurm!r}")
         for name in ("events", "upload_id"):
@@ -173,6 +178,33 @@ class SearchSettings:
             if isinstance(self.gpus, (str, int)) or any(isinstance(g, bool) for g in self.gpus):
                 raise SearchError(f"gpus: expected a list of GPU ids, got {self.gpus!r}")
             self.gpus = [str(g).strip() for g in self.gpus]
+
+    def _check_configurations(self) -> None:
+        if self.configuration not in CONFIGURATIONS:
+            raise SearchError(f"configuration: unknown nnU-Net configuration {self.configuration!r}; "
+                              f"expected one of {', '.join(CONFIGURATIONS)}")
+        if self.configurations is None:
+            self.configurations = [self.configuration]
+        if isinstance(self.configurations, str) or not isinstance(self.configurations, (list, tuple)):
+            raise SearchError(f"configurations: expected a list of nnU-Net configuration names, got "
+                              f"{self.configurations!r}")
+        if not self.configurations:
+            raise SearchError(f"configurations: give at least one of {', '.join(CONFIGURATIONS)}")
+        unknown = [c for c in self.configurations if c not in CONFIGURATIONS]
+        if unknown:
+            raise SearchError(f"configurations: unknown nnU-Net configuration {unknown[0]!r}; "
+                              f"expected some of {', '.join(CONFIGURATIONS)}")
+        self.configurations = list(dict.fromkeys(self.configurations))
+        if self.configuration not in self.configurations:
+            raise SearchError(f"configurations: the prior's configuration {self.configuration!r} (configuration) is "
+                              f"not among the searched ones ({', '.join(self.configurations)}); add it or set "
+                              "configuration to one of them")
+
+    def prior_config(self):
+        """nnU-Net's default hyperparameters in the prior's configuration (the search's default)."""
+        from ..config import TrialConfig
+
+        return TrialConfig(configuration=self.configuration)
 
     def _check_integers(self) -> None:
         # (name, lowest, highest, may be None)
@@ -290,6 +322,8 @@ class SearchSettings:
         argv.append("--prior-first" if self.prior_first else "--no-prior-first")
         argv.append("--portfolio" if self.portfolio else "--no-portfolio")
         argv += ["--folds", *map(str, self.folds)]
+        if self.configurations != [self.configuration]:
+            argv += ["--configurations", *self.configurations]
         if self.final_folds is not None:
             argv += ["--final-folds", *map(str, self.final_folds)]
         if self.gpus is not None:

@@ -8,6 +8,10 @@ Three spaces, each a superset of the previous one's hyperparameter part:
   base and maximum feature width, activation, normalization, dropout.
 - ``hpo_hnas``: ``hpo`` plus a grammar over the U-Net (see :class:`HPOHNASSpace`).
 
+Any of them may also choose nnU-Net's configuration (``configurations``: 2d / 3d_fullres /
+3d_lowres, those the plans hold; prior: the prior's, nnU-Net's 3d_fullres by default). With only
+3d_fullres the space has no such parameter (the spaces of earlier searches stay the same).
+
 Every parameter's prior is nnU-Net's default (the values of ``TrialConfig()``), so PriorBand's
 prior sample *is* stock nnU-Net. Conditional parts (momentum, the encoder branches of the HNAS
 grammar) are ``neps.Operation`` choices inside a ``neps.Categorical``: NePS samples the children of
@@ -28,13 +32,15 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import neps
 
 from ..network import default_encoder_blocks
 from ..config import (
     ACTIVATIONS,
+    CONFIGURATIONS,
+    DEFAULT_CONFIGURATION,
     ENCODER_TYPES,
     LOSSES,
     LR_SCHEDULERS,
@@ -91,6 +97,12 @@ def _encoder(
 
 def _decoder(blocks: list[int]) -> dict[str, Any]:
     return {"blocks_per_stage_decoder": list(blocks)}
+
+
+def _configured_network(configuration: str, n_stages: int, encoder: dict[str, Any],
+                        decoder: dict[str, Any]) -> dict[str, Any]:
+    """One configuration's branch of the HNAS grammar (its planner's stage count differs)."""
+    return {"configuration": configuration, "n_stages": int(n_stages), **encoder, **decoder}
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,6 +182,40 @@ def _prior_blocks(prior: Optional[list[int]], defaults: list[int], scale: float 
     return [int(prior[i]) if i < len(prior) else scaled[i] for i in range(len(defaults))]
 
 
+def _configuration_parameter(prior: TrialConfig, confidence: Confidence,
+                             configurations: tuple[str, ...]) -> dict[str, Any]:
+    """nnU-Net's configuration as a choice; nothing when only 3d_fullres (nnU-Net's default) is searched."""
+    if configurations == (DEFAULT_CONFIGURATION,) and prior.configuration == DEFAULT_CONFIGURATION:
+        return {}
+    if len(configurations) == 1:
+        if prior.configuration != configurations[0]:
+            raise ConfigError(f"configuration = {prior.configuration!r} is not in the search space {configurations}")
+        return {"configuration": configurations[0]}  # a constant: every trial trains it
+    return {"configuration": _categorical(configurations, prior.configuration, confidence, "configuration")}
+
+
+def _hnas_branches(prior: TrialConfig, confidence: Confidence, configurations: tuple[str, ...],
+                   planned_stages: Mapping[str, int]) -> dict[str, Any]:
+    """The HNAS grammar under a configuration choice: each configuration has its own stage count."""
+    if prior.configuration not in configurations:
+        raise ConfigError(f"configuration = {prior.configuration!r} is not in the search space {configurations}")
+    branches = []
+    for name in configurations:
+        if name not in planned_stages:
+            raise ConfigError(f"the hpo_hnas space needs the planner's stage count of configuration {name!r}")
+        # The chosen branch is centred on the prior; the others on nnU-Net's default there.
+        own = prior if name == prior.configuration else TrialConfig(configuration=name)
+        grammar = _hnas_parameters(own, confidence, int(planned_stages[name]))
+        branches.append(neps.Operation(_configured_network, kwargs={
+            "configuration": name, "n_stages": grammar["n_stages"], "encoder": grammar["encoder"],
+            "decoder": grammar["decoder"]}))
+    return {
+        "configuration": neps.Categorical(tuple(branches), prior=configurations.index(prior.configuration),
+                                          prior_confidence=confidence),
+        **_width_parameters(prior, confidence),
+    }
+
+
 def _hnas_parameters(prior: TrialConfig, confidence: Confidence, planned_stages: int) -> dict[str, Any]:
     """The U-Net grammar: stages, encoder branch (with its blocks/norm/activation/dropout), decoder."""
     if planned_stages < 1:
@@ -237,33 +283,44 @@ class _AutoNNUNetSpace(neps.PipelineSpace):
         max_epochs: int = DEFAULT_MAX_EPOCHS,
         prior_confidence: Confidence = "medium",
         prior: Optional[TrialConfig] = None,
-        planned_stages: Optional[int] = None,
+        planned_stages: Optional[Any] = None,
+        configurations: Optional[Sequence[str]] = None,
     ):
         if not 1 <= int(min_epochs) < int(max_epochs):
             raise ConfigError(f"epochs must satisfy 1 <= min < max, got [{min_epochs}, {max_epochs}]")
         if prior_confidence not in ("low", "medium", "high"):
             raise ConfigError(f"prior_confidence must be low, medium or high, got {prior_confidence!r}")
         prior = (prior or TrialConfig()).validate()
-        for name, parameter in self._parameters(prior, prior_confidence, planned_stages).items():
+        choices = tuple(dict.fromkeys(configurations or (prior.configuration,)))
+        unknown = [c for c in choices if c not in CONFIGURATIONS]
+        if unknown:
+            raise ConfigError(f"configuration {unknown[0]!r} is not one of {CONFIGURATIONS}")
+        for name, parameter in self._parameters(prior, prior_confidence, planned_stages, choices).items():
             setattr(self, name, parameter)
         setattr(self, FIDELITY, neps.IntegerFidelity(int(min_epochs), int(max_epochs)))
 
-    def _parameters(self, prior: TrialConfig, confidence: Confidence, planned_stages: Optional[int]) -> dict[str, Any]:
+    def _parameters(self, prior: TrialConfig, confidence: Confidence, planned_stages: Any,
+                    configurations: tuple[str, ...]) -> dict[str, Any]:
         raise NotImplementedError
 
 
 class HPOSpace(_AutoNNUNetSpace):
     """Training hyperparameters only; the network is nnU-Net's planned one."""
 
-    def _parameters(self, prior, confidence, planned_stages):
-        return _hpo_parameters(prior, confidence)
+    def _parameters(self, prior, confidence, planned_stages, configurations):
+        return {**_hpo_parameters(prior, confidence), **_configuration_parameter(prior, confidence, configurations)}
 
 
 class HPONASSpace(_AutoNNUNetSpace):
-    """Hyperparameters plus the network's block type, depth multiplier, widths and layers."""
+    """Hyperparameters plus the network's block type, depth multiplier, widths and layers.
 
-    def _parameters(self, prior, confidence, planned_stages):
-        return {**_hpo_parameters(prior, confidence), **_nas_parameters(prior, confidence)}
+    None of these depends on the configuration's dimensionality (the builder takes the kernel
+    sizes, strides and 2D/3D operators from the chosen configuration's plans).
+    """
+
+    def _parameters(self, prior, confidence, planned_stages, configurations):
+        return {**_hpo_parameters(prior, confidence), **_nas_parameters(prior, confidence),
+                **_configuration_parameter(prior, confidence, configurations)}
 
 
 class HPOHNASSpace(_AutoNNUNetSpace):
@@ -289,15 +346,27 @@ class HPOHNASSpace(_AutoNNUNetSpace):
     ResidualEncoderUNet take one norm/nonlin/dropout for the whole network, and a model must load
     in stock nnU-Net. The default derivation (k = n, conv, 2 convolutions per encoder and decoder
     stage, InstanceNorm, LeakyReLU, no dropout, 32..320 features) is exactly nnU-Net's default.
+
+    With several ``configurations`` the grammar sits under the configuration choice (one branch
+    per configuration, ``planned_stages`` then maps each to its planner's stage count): a 2d plan
+    usually has more, smaller stages than a 3d one.
     """
 
-    def __init__(self, *, planned_stages: Optional[int] = None, **kwargs: Any):
+    def __init__(self, *, planned_stages: Optional[Any] = None, **kwargs: Any):
         if planned_stages is None:
             raise ConfigError("the hpo_hnas space needs the planner's stage count (planned_stages)")
         super().__init__(planned_stages=planned_stages, **kwargs)
 
-    def _parameters(self, prior, confidence, planned_stages):
-        return {**_hpo_parameters(prior, confidence), **_hnas_parameters(prior, confidence, int(planned_stages))}
+    def _parameters(self, prior, confidence, planned_stages, configurations):
+        hpo = _hpo_parameters(prior, confidence)
+        if len(configurations) > 1:
+            if not isinstance(planned_stages, Mapping):
+                raise ConfigError("an hpo_hnas space over several configurations needs each one's stage count "
+                                  "(planned_stages as a mapping)")
+            return {**hpo, **_hnas_branches(prior, confidence, configurations, planned_stages)}
+        stages = planned_stages[configurations[0]] if isinstance(planned_stages, Mapping) else planned_stages
+        return {**hpo, **_hnas_parameters(prior, confidence, int(stages)),
+                **_configuration_parameter(prior, confidence, configurations)}
 
 
 SPACES: dict[str, type[_AutoNNUNetSpace]] = {
@@ -314,19 +383,23 @@ def build_space(
     max_epochs: int = DEFAULT_MAX_EPOCHS,
     prior_confidence: Confidence = "medium",
     prior: Optional[TrialConfig] = None,
-    planned_stages: Optional[int] = None,
+    planned_stages: Optional[Any] = None,
+    configurations: Optional[Sequence[str]] = None,
 ) -> neps.PipelineSpace:
     """The named space with fidelity ``epochs`` in ``[min_epochs, max_epochs]``.
 
     ``prior`` centres the space on another configuration (default: nnU-Net's). ``planned_stages``
-    (the plans' stage count) is required for ``hpo_hnas`` and ignored otherwise.
+    (the plans' stage count; a mapping configuration -> count with several ``configurations``)
+    is required for ``hpo_hnas`` and ignored otherwise. ``configurations``: nnU-Net
+    configurations to choose among (default: the prior's alone).
     """
     try:
         cls = SPACES[name]
     except KeyError:
         raise ConfigError(f"unknown search space {name!r}; expected one of {', '.join(SPACES)}") from None
     kwargs: dict[str, Any] = dict(
-        min_epochs=min_epochs, max_epochs=max_epochs, prior_confidence=prior_confidence, prior=prior
+        min_epochs=min_epochs, max_epochs=max_epochs, prior_confidence=prior_confidence, prior=prior,
+        configurations=configurations,
     )
     if cls is HPOHNASSpace:
         kwargs["planned_stages"] = planned_stages
@@ -392,7 +465,8 @@ def neps_config_from_trial(
     *,
     min_epochs: int = DEFAULT_MIN_EPOCHS,
     max_epochs: int = DEFAULT_MAX_EPOCHS,
-    planned_stages: Optional[int] = None,
+    planned_stages: Optional[Any] = None,
+    configurations: Optional[Sequence[str]] = None,
 ) -> dict[str, Any]:
     """``TrialConfig`` -> the NePS config that the named space maps back to it.
 
@@ -402,7 +476,8 @@ def neps_config_from_trial(
     from .neps_adapter import prior_sample_config
 
     space = build_space(
-        name, min_epochs=min_epochs, max_epochs=max_epochs, prior=config, planned_stages=planned_stages
+        name, min_epochs=min_epochs, max_epochs=max_epochs, prior=config, planned_stages=planned_stages,
+        configurations=configurations,
     )
     # Centred on ``config``, the space's prior sample is ``config`` itself.
     return prior_sample_config(space, {FIDELITY: int(epochs)})

@@ -38,7 +38,13 @@ log = logging.getLogger(__name__)
 
 
 def config_key(config: dict[str, Any]) -> str:
-    """A configuration's identity: equal keys = the same training (floats to 10 significant digits)."""
+    """A configuration's identity: equal keys = the same training (floats to 10 significant digits).
+
+    nnU-Net's configuration is part of it (the same hyperparameters in 2d are another training);
+    records written before it was a field were 3d_fullres trainings.
+    """
+    from ..config import DEFAULT_CONFIGURATION
+
     def norm(value: Any) -> Any:
         if isinstance(value, float):
             return float(f"{value:.10g}")
@@ -46,6 +52,7 @@ def config_key(config: dict[str, Any]) -> str:
             return [norm(v) for v in value]
         return value
 
+    config = {"configuration": DEFAULT_CONFIGURATION, **config}
     return json.dumps({k: norm(v) for k, v in sorted(config.items())}, sort_keys=True)
 
 
@@ -142,7 +149,7 @@ class TrialRunner:
         config_id, rung = split_trial_id(pipeline_id)
         attempts = read_attempts(trial_dir) + 1
         write_attempts(trial_dir, attempts)
-        model_dir = trial_dir / model_dir_name(settings.configuration)
+        model_dir = trial_dir / model_dir_name(config.configuration)
         record = TrialRecord(
             trial_id=pipeline_id, config_id=config_id, rung=rung, epochs=epochs, state=TrialState.EVALUATING,
             config=config.to_dict(), worker=self.worker_id, started=time.time(), attempts=attempts,
@@ -213,7 +220,7 @@ class TrialRunner:
                     workspace, config, model_dir, folds=list(settings.folds), epochs=target,
                     max_epochs=settings.max_epochs, iterations_per_epoch=settings.iterations_per_epoch,
                     resume_from=resume_from, device=settings.device, seed=settings.seed, progress=on_progress,
-                    configuration=settings.configuration, max_validation_cases=settings.max_validation_cases,
+                    max_validation_cases=settings.max_validation_cases,
                 )
             finally:
                 if self.stop is not None:

@@ -3,7 +3,8 @@
 - the search's incumbent (best Dice at the highest fidelity),
 - the next best points of its Pareto front (Dice vs training time), ``top`` of them,
 - the incumbent's hyperparameters in nnU-Net's other planned configurations (``2d``,
-  ``3d_lowres``) where the plans contain them and their data is preprocessed,
+  ``3d_lowres``, and ``3d_fullres`` when the search chose another one) where the plans contain
+  them and their data is preprocessed,
 - or any model folders (each with its ``autonnunet.json`` record, or nnU-Net's default config).
 
 Each candidate gets an nnU-Net plans identifier ``nnUNetPlans_<name>`` so that several searched
@@ -33,7 +34,9 @@ class Candidate:
 
     name: str  # letters and digits; the plans identifier is nnUNetPlans_<base>
     config: TrialConfig
-    configuration: str = "3d_fullres"
+    #: nnU-Net's configuration; None: the config's own (a searched choice). Given, it is set in
+    #: the config too, so the two never disagree.
+    configuration: Optional[str] = None
     origin: str = "model"  # incumbent / pareto / configuration / model
     base: Optional[str] = None  # name of the hyperparameter set (defaults to name)
     source_dir: Optional[Path] = None  # an existing model folder whose folds may be reused
@@ -44,6 +47,9 @@ class Candidate:
         if not NAME_RE.match(self.name):
             raise SelectionError(f"candidate name {self.name!r}: use letters and digits only")
         self.base = self.base or self.name
+        self.configuration = self.configuration or self.config.configuration
+        if self.config.configuration != self.configuration:
+            self.config = self.config.replace(configuration=self.configuration)
         self.source_dir = Path(self.source_dir) if self.source_dir else None
 
     @property
@@ -63,7 +69,7 @@ class Candidate:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Candidate":
         return cls(name=data["name"], config=TrialConfig.from_dict(data["config"]),
-                   configuration=data.get("configuration", "3d_fullres"), origin=data.get("origin", "model"),
+                   configuration=data.get("configuration"), origin=data.get("origin", "model"),
                    base=data.get("base"), source_dir=data.get("source_dir"), search_dice=data.get("search_dice"),
                    note=data.get("note", ""))
 
@@ -113,7 +119,11 @@ def candidates_from_search(root: Path, top: int = 0, workspace: Optional[Workspa
         seen.append(config)
         chosen.append(candidate(trial, f"pareto{len(chosen)}", "pareto"))
     if workspace is not None:
-        chosen.extend(other_configurations(chosen[0], workspace, configurations))
+        wanted = list(configurations)
+        if chosen[0].configuration != "3d_fullres" and "3d_fullres" not in wanted:
+            wanted.insert(0, "3d_fullres")  # a searched 2d incumbent: nnU-Net's default configuration competes too
+        others = other_configurations(chosen[0], workspace, wanted)
+        chosen.extend(c for c in others if c.config not in seen)  # not a Pareto point already
     return chosen
 
 
@@ -128,8 +138,8 @@ def other_configurations(candidate: Candidate, workspace: Workspace,
             continue  # not planned (e.g. no 3d_lowres for small images), or only inherits another
         if not (workspace.preprocessed_dataset / entry["data_identifier"]).is_dir():
             continue  # planned but not preprocessed: nothing to train on
-        found.append(Candidate(name=f"{candidate.base}{name.replace('_', '')}", config=candidate.config,
-                               configuration=name, origin="configuration", base=candidate.base,
+        found.append(Candidate(name=f"{candidate.base}{name.replace('_', '')}",
+                               config=candidate.config.replace(configuration=name), configuration=name, origin="configuration", base=candidate.base,
                                note=f"{candidate.name}'s hyperparameters, {name}"))
     return found
 

@@ -71,7 +71,10 @@ def checkpoint_meta(path: Path) -> Optional[dict]:
     meta = checkpoint.get(CHECKPOINT_META_KEY) if isinstance(checkpoint, dict) else None
     if meta is None:
         return None
-    return {**meta, "epoch": int(checkpoint.get("current_epoch", 0))}
+    config = dict(meta.get("config") or {})
+    # Checkpoints from before the configuration was a TrialConfig field: nnU-Net's own record of it.
+    config.setdefault("configuration", (checkpoint.get("init_args") or {}).get("configuration") or "3d_fullres")
+    return {**meta, "config": config, "epoch": int(checkpoint.get("current_epoch", 0))}
 
 
 def _matches(meta: Optional[dict], candidate: Candidate, epochs: int, iterations: int) -> str:

@@ -16,7 +16,7 @@ def _full() -> SearchSettings:
     return SearchSettings(
         space="hpo_nas", profile="quick", min_epochs=2, max_epochs=20, eta=2, prior_confidence="high",
         prior_first=True, folds=[0, 2], iterations_per_epoch=25, max_validation_cases=3, runtime_weight=0.5,
-        optimizer="priorband", configuration="3d_fullres", seed=7, portfolio=False, budget=3.5,
+        optimizer="priorband", configuration="3d_fullres", configurations=["2d", "3d_fullres"], seed=7, portfolio=False, budget=3.5,
         total_epochs=500, max_trials=40, wall_time=3600.5, confirm_fold=1, confirm_seeds=3, workers=2,
         launcher="process", executor="slurm", slurm={"slurm_partition": "gpu", "mem_gb": 32}, device="cuda:1",
         gpus=["2", "3"], retries=2, stale_after=120.0, events="/tmp/events.jsonl", final_folds=[3, 4])
@@ -65,12 +65,36 @@ def test_profile_fills_only_what_is_not_given():
     ("folds", "everything", "folds"),
     ("confirm_fold", 0, "search fold"),
     ("profile", "turbo", "unknown profile"),
+    ("configuration", "3d_fulres", "unknown nnU-Net configuration '3d_fulres'"),
+    ("configuration", "3d_cascade_fullres", "unknown nnU-Net configuration"),
+    ("configurations", ["2d", "4d"], "unknown nnU-Net configuration '4d'"),
+    ("configurations", "2d", "expected a list"),
+    ("configurations", [], "at least one"),
+    ("configurations", ["2d"], "prior's configuration '3d_fullres'"),
 ])
 def test_invalid_values_are_refused_at_creation_naming_the_field(field, value, words):
     with pytest.raises(SearchError, match=words) as caught:
         SearchSettings(**{field: value})
     assert str(caught.value).startswith(f"{field}:") or field in str(caught.value)
     assert isinstance(caught.value, AutoNNUNetError)
+
+
+def test_configurations_default_round_trips_and_comma_form():
+    from AutoNNUNetLib.search.settings import IDENTITY_FIELDS
+
+    plain = SearchSettings()
+    assert plain.configurations == ["3d_fullres"] and "--configurations" not in plain.to_argv()
+    assert SearchSettings.from_dict({**plain.to_dict(), "configurations": None}) == plain  # an older search.json
+    both = SearchSettings(configurations=["2d", "3d_fullres", "2d"])
+    assert both.configurations == ["2d", "3d_fullres"]  # each once, order kept
+    assert both.to_argv()[-3:] == ["--configurations", "2d", "3d_fullres"]
+    assert SearchSettings.from_argv(both.to_argv()) == both
+    assert SearchSettings.from_argv(["--configurations", "2d,3d_fullres"]) == both
+    assert SearchSettings.from_argv(["--configuration", "2d"]).configurations == ["2d"]
+    lowres = SearchSettings(configuration="2d", configurations=["3d_lowres", "2d"])
+    assert lowres.prior_config().configuration == "2d"
+    assert SearchSettings.from_json(lowres.to_json()) == lowres
+    assert "configurations" in IDENTITY_FIELDS  # a resumed search may not change what it chooses among
 
 
 def test_unknown_keys_and_bad_requests_are_refused():

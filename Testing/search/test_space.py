@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -157,6 +158,68 @@ def test_config_roundtrip(name):
             assert len(config.blocks_per_stage_encoder) == k and len(config.blocks_per_stage_decoder) == k - 1
 
 
+# --------------------------------------------------------------------------------------------
+# nnU-Net's configuration as a searched choice
+
+BOTH = ("2d", "3d_fullres")
+STAGES = {"2d": 5, "3d_fullres": PLANNED_STAGES}  # a 2d plan with one stage more than the 3d one
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_configuration_choice_prior_and_samples(name):
+    stages = STAGES if name == "hpo_hnas" else None
+    space = build_space(name, min_epochs=1, max_epochs=9, planned_stages=stages, configurations=BOTH)
+    if name != "hpo_hnas":
+        _check_categorical(space.configuration, BOTH, "3d_fullres")
+    else:
+        assert len(space.configuration.choices) == 2 and space.configuration.prior == 1
+    prior = config_from_neps(space, neps_config_from_trial(name, TrialConfig(), 9, min_epochs=1, max_epochs=9,
+                                                           planned_stages=stages, configurations=BOTH))[0]
+    assert prior.configuration == "3d_fullres"
+    if name == "hpo_hnas":
+        assert (prior.n_stages, prior.blocks_per_stage_encoder) == (PLANNED_STAGES, [2] * PLANNED_STAGES)
+    else:
+        assert prior == TrialConfig()
+    random.seed(5)
+    np.random.seed(5)
+    seen = Counter()
+    for _ in range(40):
+        neps_config, values = space.sample({FIDELITY: 3})
+        config, _ = trial_config_from_values(values)
+        seen[config.configuration] += 1
+        assert config_from_neps(space, neps_config) == (config, 3)
+        back = neps_config_from_trial(name, config, 3, min_epochs=1, max_epochs=9, planned_stages=stages,
+                                      configurations=BOTH)
+        assert config_from_neps(space, back) == (config, 3)
+        if name == "hpo_hnas":  # each configuration's grammar has its own planner's stage count
+            n = STAGES[config.configuration]
+            assert math.ceil(n / 2) <= config.n_stages <= n
+            assert len(config.blocks_per_stage_encoder) == config.n_stages
+    assert set(seen) == set(BOTH)
+
+
+def test_configuration_default_space_is_unchanged_and_single_choices_are_constants():
+    from AutoNNUNetLib.config import ConfigError
+
+    # only 3d_fullres: no parameter at all, so the spaces (and NePS states) of earlier searches stay valid
+    assert not hasattr(_space("hpo"), "configuration")
+    assert not hasattr(_space("hpo", configurations=("3d_fullres",)), "configuration")
+    assert set(neps_config_from_trial("hpo", TrialConfig(), 3, min_epochs=1, max_epochs=9)) == set(
+        neps_config_from_trial("hpo", TrialConfig(), 3, min_epochs=1, max_epochs=9, configurations=("3d_fullres",)))
+    only_2d = _space("hpo_nas", prior=TrialConfig(configuration="2d"), configurations=("2d",))
+    assert only_2d.configuration == "2d"
+    _, values = only_2d.sample({FIDELITY: 2})
+    assert trial_config_from_values(values)[0].configuration == "2d"
+    with pytest.raises(ConfigError, match="configuration = '3d_fullres' is not in the search space"):
+        _space("hpo", configurations=("2d", "3d_lowres"))
+    with pytest.raises(ConfigError, match="'4d' is not one of"):
+        _space("hpo", configurations=("3d_fullres", "4d"))
+    with pytest.raises(ConfigError, match="stage count"):
+        build_space("hpo_hnas", min_epochs=1, max_epochs=9, planned_stages=4, configurations=BOTH)
+    with pytest.raises(ConfigError, match="configuration = '4d'"):
+        TrialConfig(configuration="4d").validate()
+
+
 def test_plain_names():
     assert plain_name("config.SAMPLING__Resolvable.initial_lr::float__1e-05_0.1_True") == "initial_lr"
     assert plain_name("config.ENVIRONMENT__epochs") == "epochs"
@@ -164,6 +227,10 @@ def test_plain_names():
                       "::float__0.5_0.999_True") == "optimizer.momentum"
     assert plain_name("SAMPLING__Resolvable.decoder.sampled_value.kwargs.mapping_value{blocks}"
                       ".args.sequence[2]::integer__1_4_False") == "decoder.blocks[2]"
+    assert plain_name("config.SAMPLING__Resolvable.configuration::categorical__2") == "configuration#choice"
+    assert plain_name("SAMPLING__Resolvable.configuration.sampled_value.kwargs.mapping_value{encoder}.sampled_value"
+                      ".kwargs.mapping_value{blocks}.args.sequence[1]::integer__1_4_False") == \
+        "configuration.encoder.blocks[1]"
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,7 +44,9 @@ def test_incumbent_top_pareto_points_and_planned_configurations(search):
     assert chosen[0].config.initial_lr == 0.02
     assert chosen[1].config.base_num_features == 16  # 0.84: next best Pareto point
     assert chosen[2].config == TrialConfig()  # 1_1 and 1_0 are one configuration: listed once
-    assert chosen[3].config == chosen[0].config
+    # the incumbent's hyperparameters, in 2d: the config carries the candidate's configuration
+    assert chosen[3].config == chosen[0].config.replace(configuration="2d")
+    assert chosen[3].config.configuration == "2d" and chosen[0].config.configuration == "3d_fullres"
     assert chosen[3].folder_name == "nnUNetTrainer__nnUNetPlans_incumbent__2d"
     assert skipped_configurations(workspace) == {"3d_lowres": "planned but not preprocessed"}
     assert Candidate.from_dict(chosen[1].to_dict()).to_dict() == chosen[1].to_dict()
