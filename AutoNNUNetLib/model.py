@@ -19,6 +19,9 @@ gives the same bytes; a ``<zip>.sha256`` sidecar in ``sha256sum`` format goes ne
 :func:`import_model` refuses archives that could write outside the destination (absolute paths,
 ``..``, links), that lack a required file, or whose checkpoint stock nnU-Net could not load, and
 only then moves the extracted folder into place.
+
+A selection root (``autonnunet select``: members, folds, postprocessing) goes through the same
+verbs as one zip: :mod:`AutoNNUNetLib.selection.archive`, with the writer and checks of this module.
 """
 
 from __future__ import annotations
@@ -305,19 +308,34 @@ def export_model(
     dataset_name = info.dataset_name if DATASET_NAME_RE.match(info.dataset_name) else "Dataset999_AutoNNUNet"
     prefix = PurePosixPath(dataset_name) / info.folder_name
 
-    members: list[tuple[str, Path]] = []
-    for name in MODEL_FILES:
-        if (model_dir / name).is_file():
-            members.append((str(prefix / name), model_dir / name))
-    for fold in info.folds:
-        members.append((str(prefix / f"fold_{fold}" / CHECKPOINT_NAME), model_dir / f"fold_{fold}" / checkpoint))
-    members.sort(key=lambda item: item[0])
+    members = model_members(model_dir, prefix, info.folds, checkpoint)
+    write_reproducible_zip(members, zip_path)
+    logger.info("exported %s (folds %s) to %s", model_dir, info.folds, zip_path)
+    return zip_path
 
+
+def model_members(model_dir: Path, prefix: PurePosixPath, folds: Sequence[Union[int, str]],
+                  checkpoint: str = CHECKPOINT_NAME) -> list[tuple[str, Path]]:
+    """The (archive name, file) pairs an export carries for a checked model folder: its model
+    files and each fold's checkpoint (stored as ``checkpoint_final.pth``)."""
+    members = [(str(prefix / name), model_dir / name) for name in MODEL_FILES if (model_dir / name).is_file()]
+    members += [(str(prefix / f"fold_{fold}" / CHECKPOINT_NAME), model_dir / f"fold_{fold}" / checkpoint)
+                for fold in folds]
+    return members
+
+
+def write_reproducible_zip(members: Sequence[tuple[str, Path]], zip_path: PathLike) -> Path:
+    """Write ``(archive name, file)`` pairs as a zip plus its ``<zip>.sha256`` sidecar.
+
+    Members sorted, fixed time stamps and modes: the same files give the same bytes. Written to a
+    partial file first, so a failed export leaves no half archive under the final name.
+    """
+    zip_path = Path(zip_path)
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = zip_path.with_name(zip_path.name + ".partial")
     try:
         with zipfile.ZipFile(tmp, "w") as archive:
-            for arcname, source in members:
+            for arcname, source in sorted(members, key=lambda item: item[0]):
                 entry = zipfile.ZipInfo(arcname, date_time=_ZIP_TIME)
                 entry.external_attr = (stat.S_IFREG | 0o644) << 16
                 entry.create_system = 3  # unix, so the permission bits above mean what they say
@@ -331,7 +349,6 @@ def export_model(
         tmp.unlink(missing_ok=True)
     sidecar = zip_path.with_name(zip_path.name + ".sha256")
     sidecar.write_text(f"{digest}  {zip_path.name}\n")
-    logger.info("exported %s (folds %s) to %s", model_dir, info.folds, zip_path)
     return zip_path
 
 
@@ -362,7 +379,7 @@ def import_model(
         raise ModelError(f"{zip_path}: no such file")
     if dest_dir.exists() and not dest_dir.is_dir():
         raise ModelError(f"{dest_dir}: exists and is not a folder; give a folder to import the model into")
-    _check_sidecar(zip_path)
+    check_sidecar(zip_path)
     if not zipfile.is_zipfile(zip_path):
         raise ModelError(f"{zip_path}: not a zip archive (a model archive is written by export-model)")
     try:
@@ -370,6 +387,11 @@ def import_model(
     except ArchiveError as error:
         raise ModelError(f"{zip_path}: {error}; refusing to extract this archive") from None
     names = [m.path for m in members if not m.is_dir]
+    from .selection.archive import SELECTION_MEMBER
+
+    if PurePosixPath(SELECTION_MEMBER) in names:
+        raise ModelError(f"{zip_path}: holds a model selection (selection.json), not one model; import it with "
+                         "`autonnunet import-model` or AutoNNUNetLib.selection.archive.import_selection")
     model_prefix = _find_model_prefix(zip_path, names)
 
     def target(member: Member) -> Optional[PurePosixPath]:
@@ -409,7 +431,8 @@ def import_model(
     return final
 
 
-def _check_sidecar(zip_path: Path) -> None:
+def check_sidecar(zip_path: Path) -> None:
+    """Refuse an archive whose `<zip>.sha256` sidecar (when present) does not match it."""
     sidecar = zip_path.with_name(zip_path.name + ".sha256")
     if not sidecar.is_file():
         return
@@ -525,16 +548,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="write a model folder to a zip (+ .sha256) that stock nnU-Net can install",
         description="Validate a model folder and write it as a reproducible zip archive with a SHA-256 sidecar.",
     )
-    export.add_argument("model_dir", type=Path, help="model folder (nnU-Net results layout)")
+    export.add_argument("model_dir", type=Path,
+                        help="model folder (nnU-Net results layout), or a selection root (`autonnunet select`)")
     export.add_argument("zip_path", type=Path, help="archive to write, e.g. model.zip")
     export.add_argument("--folds", nargs="+", default=None, help="folds to include (default: all present)")
     export.set_defaults(func=_cmd_export)
 
     imp = subparsers.add_parser(
         "import-model",
-        help="validate and extract a model zip",
+        help="validate and extract a model zip (or a selection zip)",
         description="Check a model archive (paths, files, checkpoint) and extract it to "
-        "DEST/DatasetNNN_Name/<model folder>; DEST can serve as nnUNet_results.",
+        "DEST/DatasetNNN_Name/<model folder>; DEST can serve as nnUNet_results. A selection archive "
+        "(export-model on a selection root) becomes the selection root DEST.",
     )
     imp.add_argument("zip_path", type=Path, help="archive written by export-model or nnUNetv2_export_model_to_zip")
     imp.add_argument("dest_dir", type=Path, help="destination folder")
@@ -559,13 +584,27 @@ def _parse_folds(values: Optional[Iterable[str]]) -> Optional[list[Union[int, st
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    path = export_model(args.model_dir, args.zip_path, folds=_parse_folds(args.folds))
+    from .selection.archive import export_selection, is_selection_root
+
+    if is_selection_root(args.model_dir):
+        if args.folds is not None:
+            raise ModelError(f"{args.model_dir}: a selection is exported with the folds it was selected on; "
+                             "leave out --folds")
+        path = export_selection(args.model_dir, args.zip_path)
+    else:
+        path = export_model(args.model_dir, args.zip_path, folds=_parse_folds(args.folds))
     print(path)
     return 0
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    path = import_model(args.zip_path, args.dest_dir, overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
-                        check_checkpoints=not args.skip_checkpoint_check)
+    from .selection.archive import import_selection, is_selection_archive
+
+    options = dict(overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
+                   check_checkpoints=not args.skip_checkpoint_check)
+    if is_selection_archive(args.zip_path):
+        path = import_selection(args.zip_path, args.dest_dir, **options)
+    else:
+        path = import_model(args.zip_path, args.dest_dir, **options)
     print(path)
     return 0

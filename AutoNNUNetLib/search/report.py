@@ -8,7 +8,10 @@ Writes into ``ROOT/report/`` (or ``--out``):
   highlighted, marker size = inference time.
 - ``curves.png``: per-configuration learning curves: training loss per epoch across its rungs,
   and validation Dice at each rung it reached.
-- ``index.html``: the summary, the plots and the trials table (plain parameter names).
+- ``index.html``: the summary, the plots and the trials table (plain parameter names), and a
+  "Model selection" section when the search has one (``autonnunet finalize`` / ``select``: found
+  in or beside ROOT, or given with ``--selection``): candidates with cross-validation Dice per
+  class, ensemble gains, postprocessing decisions, inference seconds per volume.
 
 matplotlib runs headless (Agg); nothing here needs a display.
 """
@@ -169,7 +172,7 @@ def _config_summary(config: dict) -> str:
     return ", ".join(changed) or "nnU-Net default"
 
 
-def write_html(results: Any, out_dir: Path, images: list[Path]) -> Path:
+def write_html(results: Any, out_dir: Path, images: list[Path], selection_html: str = "") -> Path:
     best = results.best
     rows = []
     for t in results.trials:
@@ -206,7 +209,7 @@ body {{ font-family: sans-serif; margin: 1.5em; }}
 table {{ border-collapse: collapse; font-size: 12px; }}
 td, th {{ border: 1px solid #ccc; padding: 2px 6px; vertical-align: top; }}
 th {{ background: #eee; }}
-tr.incumbent {{ background: #fff3c4; }}
+tr.incumbent, tr.selected {{ background: #fff3c4; }}
 td.cfg {{ max-width: 40em; }}
 td.err {{ color: #a00; max-width: 25em; }}
 img {{ max-width: 48%; margin: 4px; border: 1px solid #ddd; }}
@@ -219,15 +222,21 @@ img {{ max-width: 48%; margin: 4px; border: 1px solid #ddd; }}
 <th>train s</th><th>s/epoch</th><th>inference s</th><th>resumed from</th><th>configuration (changes)</th>
 <th>error</th></tr>
 {''.join(rows)}
-</table></body></html>
+</table>
+{selection_html}</body></html>
 """
     path = out_dir / "index.html"
     path.write_text(page, encoding="utf-8")
     return path
 
 
-def write_report(root: Union[str, Path], out_dir: Optional[Union[str, Path]] = None) -> Path:
-    """Write the plots and ``index.html`` for the search at ``root``; returns the HTML path."""
+def write_report(root: Union[str, Path], out_dir: Optional[Union[str, Path]] = None,
+                 selection: Optional[Union[str, Path]] = None) -> Path:
+    """Write the plots and ``index.html`` for the search at ``root``; returns the HTML path.
+
+    ``selection``: the selection root to report on (default: the search's own, if it has one,
+    :func:`~AutoNNUNetLib.selection.report.find_selection`).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,18 +249,31 @@ def write_report(root: Union[str, Path], out_dir: Optional[Union[str, Path]] = N
         plot_pareto(results, out / "pareto.png"),
         plot_curves(results, out / "curves.png"),
     ]
-    return write_html(results, out, images)
+    return write_html(results, out, images, _selection_section(root, selection))
+
+
+def _selection_section(root: Path, selection: Optional[Union[str, Path]]) -> str:
+    from ..selection.choose import SelectionResult
+    from ..selection.report import find_selection, format_html
+
+    folder = Path(selection) if selection is not None else find_selection(root)
+    if folder is None:
+        return ""
+    return format_html(SelectionResult.load(folder), folder)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    path = write_report(args.root, args.out)
+    path = write_report(args.root, args.out, args.selection)
     print(path)
     return 0
 
 
 def add_commands(subparsers: Any) -> None:
     parser = subparsers.add_parser("report", help="plots and an HTML page for a search root",
-                                   description="Write PNG plots and an HTML trials table for a search.")
+                                   description="Write PNG plots and an HTML trials table for a search, with its model "
+                                               "selection when there is one.")
     parser.add_argument("root", help="search root directory")
     parser.add_argument("--out", help="output folder (default ROOT/report)")
+    parser.add_argument("--selection", help="selection root to add (default: ROOT/selection or a 'selection' "
+                                            "folder beside ROOT whose candidates came from this search)")
     parser.set_defaults(func=_cmd_report)

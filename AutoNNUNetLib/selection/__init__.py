@@ -19,7 +19,8 @@ Modules (one concept each):
 - :mod:`.choose` - the selection itself (best single model or pairwise ensemble, then postprocessing).
 - :mod:`.instructions` - ``inference_information.json`` / ``inference_instructions.txt``.
 - :mod:`.predictor` - :class:`Selection`: predict with the selection in memory.
-- :mod:`.report` - the candidates table (text / markdown).
+- :mod:`.report` - the candidates table (text / markdown / HTML).
+- :mod:`.archive` - a whole selection as one zip (``export-model`` / ``import-model``).
 - :mod:`.cli` - ``autonnunet finalize`` and ``autonnunet select``.
 
 Imports are lazy so that ``autonnunet --help`` does not load numpy or torch.
@@ -48,6 +49,8 @@ _EXPORTS = {
     "SelectionResult": "choose",
     "Selection": "predictor",
     "format_report": "report",
+    "export_selection": "archive",
+    "import_selection": "archive",
 }
 
 __all__ = sorted(_EXPORTS)

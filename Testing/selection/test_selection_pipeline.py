@@ -179,3 +179,130 @@ def test_finalize_reuses_folds_of_a_source_model(finalized, hippo_workspace, tmp
     assert result.actions == {("incumbent", 0): "reused"}
     copied = result.candidates[0].model_dir / "fold_0" / "checkpoint_final.pth"
     assert copied.read_bytes() == (source / "fold_0" / "checkpoint_final.pth").read_bytes()
+
+
+# -- the selection as one zip, and in the HTML report ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def selected(finalized):
+    """The selection of the two finalized candidates (select's own decision, files on disk)."""
+    from AutoNNUNetLib.selection.choose import select
+
+    select(finalized.root)
+    return finalized.root
+
+
+def _rewrite_zip(source: Path, dest: Path, change) -> Path:
+    """A copy of a zip with ``change(name, data) -> [(name, data), ...]`` applied to each member."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(dest, "w") as copy:
+        for name in original.namelist():
+            for new_name, data in change(name, original.read(name)):
+                copy.writestr(new_name, data)
+    return dest
+
+
+def test_selection_zip_round_trip_predicts_the_same_labels(selected, hippocampus_dir, tmp_path):
+    import zipfile
+
+    from AutoNNUNetLib import cli
+    from AutoNNUNetLib.files import read_json
+    from AutoNNUNetLib.imaging import Volume
+    from AutoNNUNetLib.model import ModelError, import_model
+    from AutoNNUNetLib.selection.predictor import Selection
+
+    archive = tmp_path / "selection.zip"
+    assert cli.main(["export-model", str(selected), str(archive)]) == 0
+    names = zipfile.ZipFile(archive).namelist()
+    chosen = read_json(selected / "selection.json")
+    assert "selection.json" in names and not any("/validation/" in n for n in names)
+    for member in chosen["members"]:
+        assert sum(n.startswith(member["model_dir"] + "/fold_") for n in names) == 5
+    assert chosen["postprocessing_file"] in names and (tmp_path / "selection.zip.sha256").is_file()
+    # The pickle in the archive is not what the import keeps: it is written again from the plan.
+    tampered = _rewrite_zip(archive, tmp_path / "tampered.zip", lambda name, data: [
+        (name, b"not a pickle" if name.endswith("postprocessing.pkl") else data)])
+    dest = tmp_path / "imported"
+    assert cli.main(["import-model", str(tampered), str(dest)]) == 0
+    assert (dest / chosen["postprocessing_file"]).read_bytes() == (selected / chosen["postprocessing_file"]).read_bytes()
+    information = read_json(dest / "nnUNet_results" / chosen["dataset"] / "inference_information.json")
+    assert Path(information["best_model_or_ensemble"]["postprocessing_file"]) == dest.resolve() / chosen["postprocessing_file"]
+    assert information["all_results"] == read_json(selected / "nnUNet_results" / chosen["dataset"] /
+                                                   "inference_information.json")["all_results"]
+    with pytest.raises(ModelError, match="holds a model selection"):
+        import_model(archive, tmp_path / "as-model")  # one model's import would drop the postprocessing
+
+    before, after = Selection(selected, device="cpu"), Selection(dest, device="cpu")
+    assert [m["name"] for m in after.members] == [m["name"] for m in chosen["members"]]
+    image = sorted((hippocampus_dir / "imagesTr").glob("hippocampus_*.nii.gz"))[0]
+    volume = [Volume.read(image)]
+    ours, theirs = before.predict(volume), after.predict(volume)
+    assert ours.array.shape == volume[0].array.shape and set(np.unique(ours.array)) <= {0, 1, 2}
+    assert np.array_equal(ours.array, theirs.array) and theirs.geometry.close_to(ours.geometry)
+
+
+def test_hostile_selection_zips_are_refused_and_leave_nothing(selected, tmp_path, capsys):
+    import json
+
+    from AutoNNUNetLib import cli
+    from AutoNNUNetLib.model import ModelError
+    from AutoNNUNetLib.selection.archive import import_selection
+
+    archive = tmp_path / "selection.zip"
+    cli.main(["export-model", str(selected), str(archive)])
+    capsys.readouterr()
+    record = json.loads((selected / "selection.json").read_text())
+
+    def only_record(name, data):
+        return [(name, data)] if name == "selection.json" else []
+
+    escaping = _rewrite_zip(archive, tmp_path / "escaping.zip",
+                            lambda name, data: only_record(name, data) + ([("../evil.txt", b"x")]
+                                                                           if name == "selection.json" else []))
+    assert cli.main(["import-model", str(escaping), str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "points outside" in err and "Traceback" not in err
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "a").exists()
+
+    hostile = dict(record, members=[dict(record["members"][0], model_dir="nnUNet_results/../../outside")])
+    named = _rewrite_zip(archive, tmp_path / "named.zip", lambda name, data: [
+        (name, json.dumps(hostile).encode() if name == "selection.json" else data)])
+    with pytest.raises(ModelError, match="points outside"):
+        import_selection(named, tmp_path / "b")
+    with pytest.raises(ModelError, match="expands to"):
+        import_selection(archive, tmp_path / "c", max_ratio=0.5)
+    missing = _rewrite_zip(archive, tmp_path / "missing.zip", lambda name, data: [] if "fold_3" in name else [(name, data)])
+    with pytest.raises(ModelError, match="fold_3"):
+        import_selection(missing, tmp_path / "d")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "mine.txt").write_text("someone's file")
+    with pytest.raises(ModelError, match="not empty"):
+        import_selection(archive, tmp_path / "e", overwrite=True)
+    assert (tmp_path / "e" / "mine.txt").read_text() == "someone's file"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".import-")) == []
+
+
+def test_search_report_has_the_model_selection_section(selected, tmp_path):
+    from AutoNNUNetLib import cli
+    from AutoNNUNetLib.files import atomic_write_json, read_json
+    from AutoNNUNetLib.search.results import SearchResults
+
+    search = tmp_path / "search"
+    search.mkdir()
+    atomic_write_json(search / "results.json", SearchResults(str(search), {}, {}, [], None, None, [], {}).to_dict())
+    assert cli.main(["report", str(search), "--selection", str(selected), "--out", str(tmp_path / "r")]) == 0
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "<h2 id='selection'>Model selection</h2>" in page
+    record = read_json(selected / "selection.json")
+    labels = record["labels"]
+    for score in record["scores"]:
+        row = page.split(f"<td>{' + '.join(score['members'])}</td>", 1)[1].split("</tr>", 1)[0]
+        cells = [f"{100 * score['per_label'][value]:.2f}" for value in labels] + [f"{100 * score['foreground_mean']:.2f}"]
+        assert row.startswith("".join(f"<td>{c}</td>" for c in cells)), (score["members"], row)
+    assert "largest component: all foreground" in page and "kept" in page
+    # Not this search's selection (its candidates came from elsewhere): no section by default.
+    shutil.copytree(selected, tmp_path / "selection", ignore=shutil.ignore_patterns("*.pth", "*.npz"))
+    assert cli.main(["report", str(search), "--out", str(tmp_path / "r2")]) == 0
+    assert "Model selection" not in (tmp_path / "r2" / "index.html").read_text()
