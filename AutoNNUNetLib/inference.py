@@ -265,8 +265,12 @@ class Predictor:
                 raise PredictionError(f"channel {index} ({self.channel_names[index]}): grid differs from channel 0: {differences}")
         if first.array.ndim == 2 and len(self._predictor.configuration_manager.patch_size) == 3:
             raise PredictionError("this is a 3D model; it cannot segment a 2D image (give a 3D volume)")
-        image = np.stack([np.asarray(v.array) for v in channels]).astype(np.float32, copy=False)
-        if not np.all(np.isfinite(image)):
+        if len(channels) == 1:
+            # A view, not a float32 copy: the bounded preprocessing converts slab by slab (same values).
+            image = np.asarray(first.array)[None]
+        else:
+            image = np.stack([np.asarray(v.array) for v in channels]).astype(np.float32, copy=False)
+        if np.issubdtype(image.dtype, np.inexact) and not np.all(np.isfinite(image)):
             raise PredictionError("the input contains NaN or infinite values")
         spacing = [abs(float(s)) for s in first.geometry.spacing[::-1]]  # (x, y, z) -> array order
         if first.array.ndim == 2:

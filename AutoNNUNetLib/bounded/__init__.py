@@ -2,6 +2,7 @@
 
 - :mod:`.predict` - :func:`predict_bounded`, the one entry point, and :func:`plan_prediction`;
 - :mod:`.budget` - the memory plan, ``max_memory_gb`` and :class:`MemoryBudgetError`;
+- :mod:`.preprocess` - nnU-Net's crop, normalization and resampling of the input, slab by slab;
 - :mod:`.sliding` - nnU-Net's sliding window with float16 sums, progress and cancel;
 - :mod:`.resample` - the export's resampling computed one slab of output rows at a time;
 - :mod:`.export` - slabs -> label map (and a probability file) on the original grid.
@@ -15,7 +16,7 @@ from ..lazy import lazy_exports
 
 _NAMES = {"GIB": "budget", "MemoryBudgetError": "budget", "MemoryPlan": "budget", "plan_memory": "budget",
           "check_budget_value": "budget", "plan_prediction": "predict", "predict_bounded": "predict",
-          "PredictionCancelled": "sliding"}
+          "PredictionCancelled": "sliding", "preprocess": "preprocess"}
 
 __all__ = sorted(_NAMES)
 

@@ -2,12 +2,14 @@
 
 A prediction goes through three phases whose peaks do not add up (each frees its temporaries):
 
-1. preprocessing (nnU-Net's own ``run_case_npy``: a float32 copy, the non-zero mask, float64
-   resampling to the network's spacing) - grows with the input's voxels;
+1. preprocessing (:mod:`.preprocess`: nnU-Net's crop, normalization and resampling, slab by slab):
+   the float32 image on the network's grid and one slab of input rows in float64 with the spline
+   pre-filter's margin - the slab's row count is what the budget chooses (plans the slab path does
+   not reproduce fall back to nnU-Net's ``run_case_npy``, about 34 bytes per input voxel);
 2. tiles: the preprocessed image, float16 logit and weight sums on the network's grid, and the
    network's activations for one tile - grows with the network grid and the tile;
 3. export: the float16 logits, the label map on the original grid, and one slab of output rows in
-   float64/float16 - the slab's row count is what the budget chooses.
+   float64/float16 - again the slab's row count is what the budget chooses.
 
 ``max_memory_gb`` bounds the memory the prediction adds to the process (the caller's input array
 and the loaded model are not counted). A budget below the smallest possible peak (one tile, one
@@ -45,6 +47,8 @@ class MemoryPlan:
     slab_rows: int
     output_rows: int
     tiles: int
+    #: Network-grid rows per preprocessing slab (:func:`AutoNNUNetLib.bounded.preprocess.preprocess`).
+    preprocessing_rows: int = 0
 
     @property
     def export_bytes(self) -> int:
@@ -61,7 +65,8 @@ class MemoryPlan:
     def summary(self) -> str:
         limit = "no budget" if self.limit_bytes is None else f"budget {self.limit_bytes / GIB:.2f} GB"
         return (f"{limit}; planned peak {self.peak_bytes / GIB:.2f} GB (preprocessing "
-                f"{self.preprocessing_bytes / GIB:.2f}, {self.tiles} tiles {self.tiles_bytes / GIB:.2f}, export "
+                f"{self.preprocessing_bytes / GIB:.2f} in slabs of {self.preprocessing_rows} row(s), "
+                f"{self.tiles} tiles {self.tiles_bytes / GIB:.2f}, export "
                 f"{self.export_bytes / GIB:.2f} in {self.slabs} slab(s) of {self.slab_rows} row(s))")
 
 
@@ -85,13 +90,6 @@ def tile_working_bytes(configuration_manager, input_channels: int, heads: int, m
     activations = 4 * (2 * skips + 8 * full)
     tile_io = 4 * voxels * (3 * input_channels + (3 if mirroring else 1) * heads)
     return int(activations + tile_io)
-
-
-def preprocessing_bytes(input_channels: int, input_voxels: int, network_voxels: int) -> int:
-    """nnU-Net's ``run_case_npy`` peak: float32 copy, masks, float64 copies and spline coefficients of the
-    input, then float32/float64 outputs on the network grid."""
-    # Measured with tracemalloc on nnU-Net 2.8.1: 34 bytes per input voxel for one channel (256x256x200).
-    return int(input_voxels * (24 * input_channels + 12) + network_voxels * (8 * input_channels + 8))
 
 
 def network_shape(input_shape: Sequence[int], spacing: Sequence[float], plans_manager, configuration_manager) -> tuple:
@@ -146,6 +144,7 @@ def plan_memory(
     """
     import numpy as np  # here, so a request record can check a budget without numpy
 
+    from .preprocess import preprocessing_memory
     from .sliding import tile_count
 
     check_budget_value(max_memory_gb)
@@ -173,13 +172,14 @@ def plan_memory(
     rows_ratio = grid[0] / cropped[0]
     separate_ratio = max(g / c for g, c in zip(grid, cropped))
     row_bytes = slab_row_bytes(heads, output_plane, input_plane, rows_ratio, separate_ratio, probabilities)
-    pre_bytes = preprocessing_bytes(channels, n_input, n_grid)
+    preprocessing = preprocessing_memory(predictor, original, cropped, grid, spacing)
     tiles = tile_count(predictor, grid) * folds
 
     limit = None if max_memory_gb is None else int(max_memory_gb * GIB)
-    smallest = max(pre_bytes, tiles_bytes, export_fixed + row_bytes)
+    smallest = max(preprocessing.bytes_for(1), tiles_bytes, export_fixed + row_bytes)
     if limit is not None and smallest > limit:
-        phase = max((pre_bytes, "preprocessing"), (tiles_bytes, "one tile with the network-grid sums"),
+        phase = max((preprocessing.bytes_for(1), "preprocessing"),
+                    (tiles_bytes, "one tile with the network-grid sums"),
                     (export_fixed + row_bytes, "the label map and one output row"))[1]
         raise MemoryBudgetError(
             f"max_memory_gb={max_memory_gb:g} cannot hold this prediction: it needs at least "
@@ -191,4 +191,9 @@ def plan_memory(
     else:
         rows = max(1, (limit - export_fixed) // max(row_bytes, 1))
     rows = int(min(rows, cropped[0]))
-    return MemoryPlan(limit, pre_bytes, tiles_bytes, export_fixed, row_bytes, rows, cropped[0], tiles)
+    # Slabs beyond DEFAULT_SLAB_BYTES save no time (the pre-filter's margins are already a small part).
+    pre_rows = preprocessing.rows_within(preprocessing.fixed + DEFAULT_SLAB_BYTES)
+    if limit is not None:
+        pre_rows = min(pre_rows, preprocessing.rows_within(limit))
+    return MemoryPlan(limit, preprocessing.bytes_for(pre_rows), tiles_bytes, export_fixed, row_bytes, rows,
+                      cropped[0], tiles, pre_rows)

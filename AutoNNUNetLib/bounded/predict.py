@@ -1,15 +1,15 @@
 """One bounded-memory prediction: plan, preprocess, tiles, slab-wise export.
 
 :func:`predict_bounded` takes what nnU-Net's ``predict_single_npy_array`` takes (a loaded
-``nnUNetPredictor``, the image as ``(channels, *spatial)`` float32 in the reader's axis order, and
-``{"spacing": [...]}`` in the same order) and returns the same label map, while its peak memory
-follows the tile, the network grid in float16 and the output label map rather than
-classes x voxels x float32 on the original grid. See :mod:`AutoNNUNetLib.bounded.budget`.
+``nnUNetPredictor``, the image as ``(channels, *spatial)`` in the reader's axis order - float32, or
+any real dtype, converted slab by slab - and ``{"spacing": [...]}`` in the same order) and returns
+the same label map, while its peak memory follows the tile, the network grid in float16, the output
+label map and one slab of the input, rather than classes x voxels x float32 on the original grid and
+several float copies of the input. See :mod:`AutoNNUNetLib.bounded.budget`.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -19,6 +19,7 @@ import numpy as np
 from ..events import ProgressCallback, ProgressEvent
 from .budget import MemoryPlan, network_shape, plan_memory
 from .export import export_labels
+from .preprocess import preprocess
 from .sliding import PredictionCancelled, predict_network_logits
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ def predict_bounded(
 
     Args:
         nnunet_predictor: an initialised ``nnUNetPredictor`` (``initialize_from_trained_model_folder``).
-        data: ``(channels, *spatial)`` image, float32, in the array order nnU-Net's reader gives.
+        data: ``(channels, *spatial)`` image in the array order nnU-Net's reader gives (float32, or any
+            real dtype: nnU-Net's float32 conversion happens slab by slab; not modified).
         properties: ``{"spacing": [...]}`` in the same axis order (not modified).
         max_memory_gb: most memory the prediction may add (input and model not counted); ``None``
             plans slabs of about 512 MB. Refused before any work if it cannot hold one tile.
@@ -78,11 +80,7 @@ def predict_bounded(
         raise PredictionCancelled("prediction cancelled before it started")
 
     predictor = nnunet_predictor
-    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-    network_input, _, props = preprocessor.run_case_npy(
-        data, None, copy.deepcopy(properties), predictor.plans_manager, predictor.configuration_manager,
-        predictor.dataset_json,
-    )
+    network_input, props = preprocess(predictor, data, properties, plan.preprocessing_rows)
     network_input = torch.from_numpy(network_input).to(dtype=torch.float32, memory_format=torch.contiguous_format)
     # The real shapes (after cropping) give the export's slab size.
     plan = plan_memory(predictor, data.shape[1:], properties["spacing"], max_memory_gb,
