@@ -262,6 +262,38 @@ def test_predict_job_on_the_server(remote, search_job, hippocampus_dir, tmp_path
             p.name.replace("_0000", "") for p in sorted((tmp_path / "images").iterdir())]
 
 
+def test_select_job_on_the_server(remote, search_job, hippocampus_dir, tmp_path):
+    """One cheap selection of the finished search: the incumbent alone, fold 0, 1 epoch x 2 iterations."""
+    import numpy as np
+
+    from AutoNNUNetLib.imaging import Volume
+    from AutoNNUNetLib.selection.archive import import_selection
+    from AutoNNUNetLib.selection.predictor import Selection
+
+    client = remote.client
+    search_id = search_job["job"]["id"]
+    request = {"epochs": 1, "iterations_per_epoch": 2, "folds": [0], "top": 0, "configurations": []}
+    job = client.submit_select(search_id, **request)
+    assert job["kind"] == "select" and job["params"]["search_job_id"] == search_id and job["params"]["folds"] == [0]
+    response = client._request("DELETE", f"/jobs/{search_id}", ok=(204, 409))
+    assert response.status_code == 409 and job["id"] in response.json()["detail"]  # the select job reads it
+    final = client.wait(job["id"], poll=1.0, timeout=600)
+    log = client.logs(job["id"], 0, 1 << 20)["text"]
+    assert final["state"] == "succeeded", log[-3000:]
+    assert "candidates: incumbent (3d_fullres)" in log and "trained 1 fold(s) this run" in log
+    assert {"selection.zip", "selection.json", "report.zip"} <= {a["name"] for a in final["artifacts"]}
+    record = json.loads(client._request("GET", f"/jobs/{job['id']}/artifacts/selection.json").content)
+    assert record["folds"] == [0] and [m["name"] for m in record["members"]] == ["incumbent"]
+    with zipfile.ZipFile(client.download(job["id"], "report.zip", tmp_path)) as archive:
+        assert "Model selection" in archive.read("index.html").decode()
+    root = import_selection(client.download(job["id"], "selection.zip", tmp_path), tmp_path / "selection")
+    image = sorted((hippocampus_dir / "imagesTr").glob("hippocampus_*.nii.gz"))[-1]
+    labels = Selection(root, device="cpu").predict([Volume.read(image)])
+    assert labels.array.shape == Volume.read(image).array.shape and set(np.unique(labels.array)) <= {0, 1, 2}
+    refused = _cli(remote, "submit", "select", "--search-job", search_id, "--epochs", "0")
+    assert refused.returncode == 2 and "epochs" in refused.stderr and "422" in refused.stderr, refused.stderr
+
+
 def _cli(remote, *args: str, token: Optional[str] = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "AUTONNUNET_URL": remote.url, "AUTONNUNET_TOKEN": token or remote.alice_token}
     return subprocess.run([PY, "-m", "AutoNNUNetLib", "remote", *args], capture_output=True, text=True, env=env,
