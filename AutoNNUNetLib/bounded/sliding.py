@@ -32,9 +32,15 @@ class PredictionCancelled(AutoNNUNetError):
 
 
 def tile_count(predictor, network_shape: Sequence[int]) -> int:
-    """How many tiles nnU-Net visits on a (preprocessed) image of ``network_shape``, per fold."""
+    """How many tiles nnU-Net visits on a (preprocessed) image of ``network_shape``, per fold.
+
+    A 2d model's patch has one axis less than the volume: it covers the last two axes, slice by
+    slice along the first (as nnU-Net's sliding window), so only those are padded to the patch.
+    """
     patch = [int(v) for v in predictor.configuration_manager.patch_size]
-    padded = [max(int(s), p) for s, p in zip(network_shape, patch)]
+    shape = [int(s) for s in network_shape]
+    lead = len(shape) - len(patch)
+    padded = shape[:lead] + [max(s, p) for s, p in zip(shape[lead:], patch)]
     return len(predictor._internal_get_sliding_window_slicers(tuple(padded)))
 
 
