@@ -42,14 +42,24 @@ def _oblique_direction(angle_degrees: float) -> tuple[float, ...]:
     return (math.cos(a), -math.sin(a), 0.0, math.sin(a), math.cos(a), 0.0, 0.0, 0.0, 1.0)
 
 
-def generate_case(seed: int, shape: tuple[int, int, int] = DEMO_SHAPE):
-    """One synthetic case: two channel volumes and a label volume with the same geometry."""
+DEMO_SPACING = (0.9, 0.9, 1.6)  # (x, y, z) mm
+
+
+def generate_case(seed: int, shape: tuple[int, int, int] = DEMO_SHAPE,
+                  spacing: tuple[float, float, float] = DEMO_SPACING):
+    """One synthetic case: two channel volumes and a label volume with the same geometry.
+
+    ``shape`` (z, y, x) and ``spacing`` (x, y, z, mm) change the grid; the structures keep their
+    place relative to it (positions and radii scale with ``shape``), so a thick-slice grid such as
+    ``shape=(12, 64, 64), spacing=(0.8, 0.8, 6.5)`` gives strongly anisotropic cases.
+    """
     from .imaging import Geometry, Volume
 
     rng = np.random.default_rng(seed)
     z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
-    center = np.array(shape, dtype=np.float32) / 2 + rng.uniform(-4, 4, size=3)
-    radii = rng.uniform(7, 11, size=3)
+    scale = np.array(shape, dtype=np.float64) / np.array(DEMO_SHAPE, dtype=np.float64)  # 1 for the demo's grid
+    center = np.array(shape, dtype=np.float32) / 2 + rng.uniform(-4, 4, size=3) * scale
+    radii = rng.uniform(7, 11, size=3) * scale
     distance = np.sqrt(((z - center[0]) / radii[0]) ** 2 + ((y - center[1]) / radii[1]) ** 2
                        + ((x - center[2]) / radii[2]) ** 2)
     label = np.zeros(shape, dtype=np.uint8)
@@ -62,18 +72,19 @@ def generate_case(seed: int, shape: tuple[int, int, int] = DEMO_SHAPE):
     t2 = rng.normal(300, 25, size=shape).astype(np.float32)
     t2[label == 1] -= 150
     t2[label == 2] += 100
-    geometry = Geometry(spacing=(0.9, 0.9, 1.6), origin=(-20.0 + seed, 12.5, -7.0),
+    geometry = Geometry(spacing=spacing, origin=(-20.0 + seed, 12.5, -7.0),
                         direction=_oblique_direction(10.0 + 3 * seed))
     return [Volume(t1, geometry), Volume(t2, geometry)], Volume(label, geometry)
 
 
-def generate_source(n_cases: int = 10, seed: int = 0):
+def generate_source(n_cases: int = 10, seed: int = 0, shape: tuple[int, int, int] = DEMO_SHAPE,
+                    spacing: tuple[float, float, float] = DEMO_SPACING):
     """A :class:`~AutoNNUNetLib.dataset.records.DatasetSource` of ``n_cases`` generated two-channel cases."""
     from .dataset.records import Case, DatasetSource
 
     cases = []
     for i in range(n_cases):
-        channels, label = generate_case(seed + i)
+        channels, label = generate_case(seed + i, shape, spacing)
         cases.append(Case(case_id=f"demo_{i:03d}", channels=channels, label=label))
     return DatasetSource(cases=cases, classes=dict(DEMO_CLASSES), channel_names=list(DEMO_CHANNELS))
 
