@@ -193,34 +193,26 @@ def extract_members(path: PathLike, dest: PathLike, members: Sequence[Member], f
     def chosen(member: Member) -> Optional[PurePosixPath]:
         return member.path if target is None else target(member)
 
-    try:
+    def open_member(archive: Any, member: Member) -> Any:
         if fmt == "zip":
-            with zipfile.ZipFile(path) as archive:
-                for member in members:
-                    rel = chosen(member)
-                    if rel is None:
-                        continue
-                    out = place(rel)
-                    if member.is_dir:
-                        out.mkdir(parents=True, exist_ok=True)
-                        continue
-                    with archive.open(member.source) as stream:
-                        copy(stream, out, member.size, str(member.path))
-        else:
-            with tarfile.open(path, "r:*") as archive:
-                for member in members:
-                    rel = chosen(member)
-                    if rel is None:
-                        continue
-                    out = place(rel)
-                    if member.is_dir:
-                        out.mkdir(parents=True, exist_ok=True)
-                        continue
-                    stream = archive.extractfile(member.source)
-                    if stream is None:
-                        raise ArchiveError(f"archive member {member.path} cannot be read")
-                    with stream:
-                        copy(stream, out, member.size, str(member.path))
+            return archive.open(member.source)
+        stream = archive.extractfile(member.source)
+        if stream is None:
+            raise ArchiveError(f"archive member {member.path} cannot be read")
+        return stream
+
+    try:
+        with (zipfile.ZipFile(path) if fmt == "zip" else tarfile.open(path, "r:*")) as archive:
+            for member in members:
+                rel = chosen(member)
+                if rel is None:
+                    continue
+                out = place(rel)
+                if member.is_dir:
+                    out.mkdir(parents=True, exist_ok=True)
+                    continue
+                with open_member(archive, member) as stream:
+                    copy(stream, out, member.size, str(member.path))
     except FileExistsError as error:
         raise ArchiveError(f"archive holds the same file twice: {Path(error.filename).name}") from None
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:
