@@ -37,7 +37,7 @@ for _candidate in (_MODULE_DIR, os.path.dirname(_MODULE_DIR)):
         break
 
 from AutoNNUNetLib.progress import format_event  # noqa: E402  (standard library only)
-from AutoNNUNetSlicerLib import chart, install, parameters, tasks  # noqa: E402
+from AutoNNUNetSlicerLib import chart, collect, install, models, parameters, tasks  # noqa: E402
 from AutoNNUNetSlicerLib import jobs as modulejobs  # noqa: E402
 from AutoNNUNetSlicerLib import logic as scenelogic  # noqa: E402
 from AutoNNUNetSlicerLib import widget as view  # noqa: E402
@@ -111,6 +111,7 @@ class AutoNNUNetParameterNode:
     classAliases: str = "{}"
     show3d: bool = True  # surfaces can take minutes on large volumes
     predictFolds: str = ""  # "" = every fold the model has
+    predictDevice: Annotated[str, Choice(list(DEVICES))] = "auto"
     outputSegmentation: slicer.vtkMRMLSegmentationNode
 
 
@@ -691,7 +692,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if any(e.kind == "trial_finished" for e in update.events):
                     chart.show_points(progress.points())
             elif entry.kind == "predict":
-                self.ui.inferenceStatusLabel.text = entry.progress.status_text()
+                self.ui.inferenceStatusLabel.text = view.predict_status_text(entry.progress)
             if entry.done:
                 self._onJobFinished(entry)
         if not self.logic.board.any_running() and not self._calls:
@@ -740,13 +741,8 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if context.remote:
                     self._showTrials(self.logic.trialRows(context.download_dir))  # the runner's results.json
                     modelZip = getattr(entry.job, "output", None)
-                    if modelZip is not None and self.logic.missingDependencies():
-                        # Remote only: segmenting here needs the dependencies; the model waits.
-                        self.ui.statusLabel.text = (f"Search finished; model downloaded to {modelZip}. Install the "
-                                                    "dependencies (Setup) to segment with it here.")
-                    elif modelZip is not None:
-                        self.logic.startModelImport(context.work_dir, Path(modelZip), dest=context.download_dir / "model")
-                        self._startPolling()
+                    if modelZip is not None:
+                        self._collectRemoteModel(Path(modelZip), context.download_dir / "model")
                 else:
                     # The job's own working folder, even if the panel now shows another one.
                     self._showTrials(self.logic.trialRows(context.search_root))
@@ -758,6 +754,23 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if self._parameterNode is not None:
                     self._parameterNode.outputSegmentation = segmentationNode  # the next run refills it
                 self.ui.inferenceStatusLabel.text = f"Segmented into '{segmentationNode.GetName()}'."
+
+    def _collectRemoteModel(self, modelZip: Path, dest: Path) -> None:
+        """The runner's model zip becomes the model folder, with requests only: unzipped off the UI
+        thread, read from its JSON files, checkpoints not opened (the runner checked them)."""
+        self.ui.statusLabel.text = f"Collecting the runner's model from {modelZip}..."
+
+        def done(result) -> None:
+            if isinstance(result, Exception):
+                self.ui.statusLabel.text = f"The runner's model could not be collected: {result}"
+                slicer.util.errorDisplay(f"The runner's model could not be collected:\n\n{result}", windowTitle="AutoNNUNet")
+                return
+            if self._parameterNode is not None:
+                self._parameterNode.modelDir = result.path
+            missing = self.logic.missingDependencies()
+            self.ui.statusLabel.text = view.collected_text(result, needs_install=bool(missing))
+
+        self._runInBackground("collect", lambda: collect.collect_remote_model(modelZip, dest), done)
 
     # -- Results section -------------------------------------------------------------------------
 
@@ -823,11 +836,12 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- Inference section -----------------------------------------------------------------------
 
     def _updateInferenceInputs(self) -> None:
-        """One input row per channel of the current model (one row when no model is chosen)."""
+        """One input row per channel of the current model (one row when no model is chosen); a
+        selection's members (checkable), its folds and its TTA."""
         table = self.ui.inferenceInputsTableWidget
         # Read the path from the widget: this runs from its own signal, maybe before the node follows.
-        path = view.model_folder_text(self.ui.modelPathLineEdit.currentPath)
-        channels = (scenelogic.model_channel_names(Path(path)) if path else []) or ["Image"]
+        model = models.try_describe(view.model_folder_text(self.ui.modelPathLineEdit.currentPath))
+        channels = (model.channel_names if model else []) or ["Image"]
         previous = [table.cellWidget(r, 1).currentNode() if table.cellWidget(r, 1) else None for r in range(table.rowCount)]
         table.setRowCount(len(channels))
         for row, name in enumerate(channels):
@@ -836,6 +850,21 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table.setItem(row, 0, item)
             table.setCellWidget(row, 1, self._nodeSelector("vtkMRMLScalarVolumeNode", previous[row] if row < len(previous) else None))
         table.horizontalHeader().setSectionResizeMode(1, qt.QHeaderView.Stretch)
+        members = self.ui.predictMembersListWidget
+        members.clear()
+        for name in model.member_names if model else []:
+            item = qt.QListWidgetItem(name)
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Checked)
+            members.addItem(item)
+        selection = bool(model and model.selection)
+        for widget in (members, self.ui.predictMembersLabel):
+            widget.visible = selection
+        self.ui.largestComponentCheckBox.enabled = not selection  # a selection has its own postprocessing
+        self.ui.predictFoldsLineEdit.placeholderText = model.folds_text() if model else "folds: all"
+        if selection and self._parameterNode is not None:
+            self._parameterNode.mirroring = bool(model.mirroring)  # what the cross-validation used
+            self._parameterNode.largestComponent = False
 
     def onSegment(self) -> None:
         if not self._ensureDependencies():
@@ -848,11 +877,14 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if any(v is None for v in volumes):
             slicer.util.warningDisplay("Pick an input volume for every channel.", windowTitle="AutoNNUNet")
             return
+        listed = self.ui.predictMembersListWidget
+        members = [listed.item(i).text() for i in range(listed.count) if listed.item(i).checkState() == qt.Qt.Checked]
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
-            self.logic.startPrediction(Path(p.modelDir), volumes, self._workDir(), device=p.device, mirroring=p.mirroring,
-                                       largestComponent=p.largestComponent, outputSegmentation=p.outputSegmentation,
-                                       show3d=p.show3d, folds=view.predict_folds(p.predictFolds))
+            self.logic.startPrediction(Path(p.modelDir), volumes, self._workDir(), device=p.predictDevice,
+                                       mirroring=p.mirroring, largestComponent=p.largestComponent,
+                                       outputSegmentation=p.outputSegmentation, show3d=p.show3d,
+                                       folds=view.predict_folds(p.predictFolds), members=members if listed.count else None)
             self.ui.inferenceStatusLabel.text = "Segmenting in the background..."
             self._startPolling()
 

@@ -33,6 +33,14 @@ class CaseReader:
     case_id: str
     segment_names: list[str]
     read: Callable[[], tuple[list[Any], Any, Any]]
+    #: Each segment's color and terminology (terminology.SegmentLook), in ``segment_names`` order;
+    #: None: names only. Recorded per class in dataset.json for the predicted segments.
+    looks: Optional[list[Any]] = None
+
+    def segment_looks(self) -> list[Any]:
+        from .terminology import SegmentLook
+
+        return list(self.looks) if self.looks is not None else [SegmentLook(n) for n in self.segment_names]
 
 
 def other_datasets(work_dir: Path, dataset_id: int, name: str) -> list[str]:
@@ -52,6 +60,8 @@ def export_dataset(readers: Sequence[CaseReader], channel_names: Sequence[str], 
     from AutoNNUNetLib.events import ProgressEvent
     from AutoNNUNetLib.imaging import Volume
     from AutoNNUNetLib.workspace import Workspace
+
+    from .terminology import class_looks, record_looks
 
     work_dir = Path(work_dir)
     others = other_datasets(work_dir, dataset_id, name)
@@ -85,7 +95,9 @@ def export_dataset(readers: Sequence[CaseReader], channel_names: Sequence[str], 
                 report(0.3 + 0.7 * float(fraction), str(event.data.get("message") or ""))
 
         source = DatasetSource(cases=cases, classes=classes, channel_names=list(channel_names))
-        return Path(build_dataset(source, Workspace(work_dir), dataset_id=int(dataset_id), name=name,
-                                  overwrite=True, progress=forward))
+        folder = Path(build_dataset(source, Workspace(work_dir), dataset_id=int(dataset_id), name=name,
+                                    overwrite=True, progress=forward))
+        record_looks(folder, class_looks([r.segment_looks() for r in readers], aliases))
+        return folder
     finally:
         shutil.rmtree(staging, ignore_errors=True)

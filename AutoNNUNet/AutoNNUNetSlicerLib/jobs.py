@@ -45,6 +45,7 @@ class JobContext:
     reference_volume: Any = None  # predict: the input node itself, not its ID (IDs restart after a close)
     output_segmentation: Any = None  # predict: the node to fill (None: a new one)
     classes: dict[str, int] = field(default_factory=dict)
+    looks: dict[str, Any] = field(default_factory=dict)  # predict: class -> terminology.SegmentLook
     show_3d: bool = True
     download_dir: Optional[Path] = None  # remote: where model.zip and results.json arrive
     remote: bool = False
@@ -311,25 +312,31 @@ def start_search(work_dir, settings, *, resume: bool = False, python: Optional[s
 def start_prediction(work_dir, model_dir, inputs: Sequence[Any], *, device: str = "auto", mirroring: bool = False,
                      largest_component: bool = False, python: Optional[str] = None, env: Optional[dict] = None,
                      reference_volume: Any = None, output_segmentation: Any = None, classes: Optional[dict] = None,
-                     show_3d: bool = True, folds=None):
-    """Segment one case: ``inputs`` are ``imaging.Volume`` channels, written here in nnU-Net naming."""
+                     show_3d: bool = True, folds=None, members: Optional[Sequence[str]] = None,
+                     looks: Optional[dict] = None):
+    """Segment one case: ``inputs`` are ``imaging.Volume`` channels, written here in nnU-Net naming.
+    ``model_dir`` is a model folder or a selection root (then ``members`` picks among its members)."""
     from AutoNNUNetLib.jobs.params import PredictParams
-    from AutoNNUNetLib.jobs.spec import Step
+    from AutoNNUNetLib.jobs.spec import EVENTS_NAME, Step
+
+    from .models import is_selection
 
     work_dir, model_dir = Path(work_dir).resolve(), Path(model_dir).resolve()
-    if not (model_dir / "plans.json").is_file():
-        raise ValueError(f"{model_dir} is not an nnU-Net model folder (no plans.json)")
+    if not (model_dir / "plans.json").is_file() and not is_selection(model_dir):
+        raise ValueError(f"{model_dir} is not an nnU-Net model folder (no plans.json) nor a selection (no selection.json)")
     # Validated first: a bad fold or device is refused before anything is written.
     params = PredictParams(mirroring=bool(mirroring), largest_component=bool(largest_component), device=device,
-                           folds=folds)
+                           folds=folds, members=list(members) if members is not None else None)
     job_dir = job_folder(work_dir, "predict")
     images, output = job_dir / "inputs", job_dir / "output"
     for index, volume in enumerate(inputs):
         volume.write(images / f"case_{index:04d}.nii.gz")
-    step = Step(name="predict", argv=params.to_argv(model_dir, images, output), message="segment the volume")
+    # --events: the stages and slab progress the Inference status shows (not a lasting "Starting...").
+    argv = [*params.to_argv(model_dir, images, output), "--events", str(job_dir / EVENTS_NAME)]
+    step = Step(name="predict", argv=argv, message="segment the volume")
     context = JobContext("predict", work_dir, model_dir=model_dir, output_file=output / "case.nii.gz",
                          reference_volume=reference_volume, output_segmentation=output_segmentation,
-                         classes=dict(classes or {}), show_3d=show_3d)
+                         classes=dict(classes or {}), looks=dict(looks or {}), show_3d=show_3d)
     return _start(job_dir, [step], python, env), context
 
 
@@ -365,10 +372,15 @@ def start_versions_check(work_dir, *, python: Optional[str] = None, env: Optiona
 
 
 def imported_model_dir(dest) -> Optional[Path]:
-    """The model folder an import put below ``dest`` (``DatasetNNN_Name/<trainer>__<plans>__<config>``)."""
+    """The model folder an import put below ``dest`` (``DatasetNNN_Name/<trainer>__<plans>__<config>``),
+    or ``dest`` itself when a selection zip made it a selection root."""
     from AutoNNUNetLib.jobs.builtins import find_model_dir
     from AutoNNUNetLib.jobs.spec import JobError
 
+    from .models import is_selection
+
+    if is_selection(dest):
+        return Path(dest)
     try:
         return find_model_dir(dest)
     except JobError:

@@ -12,7 +12,6 @@ exported from the scene and a prediction loaded back land on the same voxels. Sl
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -81,6 +80,19 @@ def segment_ids(segmentation_node) -> list[str]:
 def segment_names(segmentation_node) -> list[str]:
     segmentation = segmentation_node.GetSegmentation()
     return [segmentation.GetSegment(s).GetName() for s in segment_ids(segmentation_node)]
+
+
+def segment_looks(segmentation_node) -> list:
+    """Each segment's name, color and terminology entry string (terminology.SegmentLook), in order."""
+    from .terminology import SegmentLook
+
+    segmentation = segmentation_node.GetSegmentation()
+    looks = []
+    for segment_id in segment_ids(segmentation_node):
+        segment = segmentation.GetSegment(segment_id)
+        terminology = segment.GetTerminology() if segment.HasTerminology() else ""
+        looks.append(SegmentLook(segment.GetName(), tuple(segment.GetColor()), terminology or ""))
+    return looks
 
 
 # -- volumes ---------------------------------------------------------------------------------------
@@ -179,7 +191,8 @@ def case_reader(case: SceneCase, n_channels: int):
         label = export_label_array(case.segmentation_node, volumes[0])
         return [volume_from_node(v) for v in volumes], label, volume_geometry(volumes[0])
 
-    return CaseReader(case.case_id, segment_names(case.segmentation_node), read)
+    return CaseReader(case.case_id, segment_names(case.segmentation_node), read,
+                      looks=segment_looks(case.segmentation_node))
 
 
 def add_sample_cases(count: int = 6, seed: int = 0) -> tuple[list[SceneCase], list[str]]:
@@ -211,32 +224,7 @@ def add_sample_cases(count: int = 6, seed: int = 0) -> tuple[list[SceneCase], li
 # -- models and predictions ------------------------------------------------------------------------
 
 
-def _model_dataset_json(model_dir) -> dict:
-    if not model_dir or Path(model_dir) == Path():  # Path() is the parameter node's "not set"
-        return {}
-    path = Path(model_dir) / "dataset.json"
-    if not path.is_file():
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def model_channel_names(model_dir) -> list[str]:
-    names = _model_dataset_json(model_dir).get("channel_names") or {}
-    return [str(names[key]) for key in sorted(names, key=lambda k: int(k))]
-
-
-def model_classes(model_dir) -> dict[str, int]:
-    """``{class name: value}`` from the model's dataset.json (nnU-Net v2 ``labels``)."""
-    classes = {}
-    for name, value in (_model_dataset_json(model_dir).get("labels") or {}).items():
-        if isinstance(value, (list, tuple)):  # region-based labels: not a plain label map
-            raise ValueError(f"the model uses region-based labels ({name}); only label maps are supported")
-        classes[str(name)] = int(value)
-    return classes
-
-
-def load_label_file(path, reference, classes: dict, segmentation_node=None, show_3d: bool = True):
+def load_label_file(path, reference, classes: dict, segmentation_node=None, show_3d: bool = True, looks=None):
     """A prediction file as named, colored segments on ``reference``'s grid (checked first)."""
     from AutoNNUNetLib.imaging import Volume
 
@@ -245,15 +233,17 @@ def load_label_file(path, reference, classes: dict, segmentation_node=None, show
     if not prediction.geometry.close_to(expected):
         raise ValueError(f"the prediction's grid differs from '{reference.GetName()}': "
                          + "; ".join(prediction.geometry.differences(expected)))
-    return segmentation_from_label_array(prediction.array, reference, classes, segmentation_node, show_3d)
+    return segmentation_from_label_array(prediction.array, reference, classes, segmentation_node, show_3d, looks)
 
 
-def segmentation_from_label_array(label_array, reference, classes: dict, segmentation_node=None, show_3d: bool = True):
+def segmentation_from_label_array(label_array, reference, classes: dict, segmentation_node=None, show_3d: bool = True,
+                                  looks=None):
     """A segmentation node with one segment per class of the table, on the reference grid,
-    tagged as a prediction (see :data:`PREDICTION_ATTRIBUTE`)."""
+    tagged as a prediction (see :data:`PREDICTION_ATTRIBUTE`). ``looks`` (terminology.prediction_looks)
+    gives each segment the color and terminology of the class's training segments."""
     import slicer
 
-    from .colors import class_colors
+    from .terminology import prediction_looks
 
     if segmentation_node is None:
         segmentation_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{reference.GetName()} AutoNNUNet")
@@ -262,12 +252,15 @@ def segmentation_from_label_array(label_array, reference, classes: dict, segment
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
     segmentation = segmentation_node.GetSegmentation()
     segmentation.RemoveAllSegments()  # the node shows this prediction only
-    colors = class_colors(classes)
+    looks = looks if looks is not None else prediction_looks(classes)
     for name, value in sorted(classes.items(), key=lambda item: item[1]):
         if value == 0:
             continue
         segment_id = segmentation.AddEmptySegment("", name)  # Slicer picks a unique id
-        segmentation.GetSegment(segment_id).SetColor(*colors[name])
+        segment = segmentation.GetSegment(segment_id)
+        segment.SetColor(*looks[name].color)
+        if looks[name].terminology:
+            segment.SetTerminology(looks[name].terminology)
         mask = (label_array == value).astype("uint8")
         slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation_node, segment_id, reference)
     if show_3d:  # surfaces can take minutes on large volumes

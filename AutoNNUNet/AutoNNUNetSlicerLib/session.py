@@ -14,6 +14,7 @@ from typing import Optional
 from . import install
 from . import jobs as modulejobs
 from . import logic as scenelogic
+from . import models
 from .export import export_dataset
 
 
@@ -83,10 +84,21 @@ class ModuleSession:
 
     def startPrediction(self, modelDir: Path, volumeNodes: list, workDir: Path, device: str = "auto",
                         mirroring: bool = False, largestComponent: bool = False, outputSegmentation=None,
-                        show3d: bool = True, folds=None):
-        """Write the input channels (exact geometry) and segment them in a child process."""
+                        show3d: bool = True, folds=None, members=None):
+        """Write the input channels (exact geometry) and segment them in a child process.
+
+        ``modelDir`` is a model folder or a selection root; ``members`` are the checked members of
+        a selection (None: all). The picks are checked against the model first (models.predict_choice).
+        """
+        from .terminology import prediction_looks
+
         self._free("predict")
-        expected = scenelogic.model_channel_names(modelDir)
+        description = models.describe_model(modelDir)
+        if description.selection and largestComponent:
+            raise ValueError("a selection applies the postprocessing it selected; uncheck Largest component")
+        choice = models.predict_choice(description, folds, description.member_names if members is None else members,
+                                       mirroring, device)
+        expected = description.channel_names
         if expected and len(expected) != len(volumeNodes):
             raise ValueError(f"the model expects {len(expected)} channel(s) ({', '.join(expected)}), got {len(volumeNodes)}")
         for volumeNode in volumeNodes:
@@ -94,18 +106,20 @@ class ModuleSession:
                 raise ValueError(f"'{volumeNode.GetName()}' is under a transform; harden the transform first")
         inputs = [scenelogic.volume_from_node(v) for v in volumeNodes]
         job, context = modulejobs.start_prediction(
-            workDir, modelDir, inputs, device=device, mirroring=mirroring, largest_component=largestComponent,
-            reference_volume=volumeNodes[0], output_segmentation=outputSegmentation,
-            classes=scenelogic.model_classes(modelDir), show_3d=show3d, folds=folds)
+            workDir, modelDir, inputs, largest_component=largestComponent, reference_volume=volumeNodes[0],
+            output_segmentation=outputSegmentation, classes=description.classes, show_3d=show3d,
+            looks=prediction_looks(description.classes, description.dataset_json), **choice.params_fields())
         return self.board.add("predict", job, context)
 
     def loadPrediction(self, entry):
-        """The finished prediction as named, colored segments on its input's geometry."""
+        """The finished prediction as named, colored segments (with the training segments' terminology)
+        on its input's geometry."""
         context = entry.context
         if context.reference_volume is None:
             raise ValueError("the input volume of this prediction is no longer in the scene")
         return scenelogic.load_label_file(context.output_file, context.reference_volume, context.classes,
-                                          context.output_segmentation, show_3d=context.show_3d)
+                                          context.output_segmentation, show_3d=context.show_3d,
+                                          looks=context.looks or None)
 
     # -- results ---------------------------------------------------------------------------------
 

@@ -148,6 +148,24 @@ def job_end_text(kind: str, state: str, message: str = "", stopped: bool = False
     return text + (f": {message}" if message else ".")
 
 
+def predict_status_text(progress: Any) -> str:
+    """The Inference status while a prediction runs: its stage or slab message, and the share done."""
+    text = progress.status_text()
+    if progress.fraction is not None and not progress.finished_state:
+        text += f" ({progress.percent()}%)"
+    return text
+
+
+def collected_text(description: Any, needs_install: bool = False) -> str:
+    """The status line once a runner's model is collected (a models.ModelDescription)."""
+    what = (f"selection ({', '.join(description.member_names)})" if description.selection else "model")
+    folds = " ".join(str(f) for f in description.folds)
+    text = f"Search finished; the runner's {what} (folds {folds}) is in {description.path}."
+    if needs_install:
+        text += " Install the dependencies (Setup) to segment with it on this computer."
+    return text
+
+
 def log_tail(text: str, lines: int = 3) -> str:
     kept = [line for line in text.splitlines() if line.strip()][-lines:]
     return " | ".join(kept)

@@ -20,6 +20,10 @@ from AutoNNUNetLib.imaging import Geometry, Volume
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "AutoNNUNet"))
 from AutoNNUNetSlicerLib.export import CaseReader, export_dataset  # noqa: E402
+from AutoNNUNetSlicerLib.terminology import SEGMENTS_KEY, SegmentLook, prediction_looks  # noqa: E402
+
+LIVER_CODE = "SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~"
+TUMOR_CODE = "SCT^49755003^Morphologically Altered Structure~SCT^108369006^Neoplasm~^^~Anatomic codes~^^~"
 
 SHAPE = (40, 96, 96)  # K, J, I: 1.4 MB of float32 image + 0.4 MB of labels per case
 GEOMETRY = Geometry(spacing=(0.9, 0.9, 2.5), origin=(-40.0, 12.5, 3.0), direction=tuple(np.eye(3).ravel()))
@@ -41,7 +45,11 @@ def _reader(index: int, reads: list) -> CaseReader:
         label[24:, :, 61:] = names.index("Tumor") + 1
         return [Volume(array=image, geometry=GEOMETRY)], label, GEOMETRY
 
-    return CaseReader(f"case{index:02d}", names, read)
+    # Each case's segments carry their own colors; the first case's Tumor is uncoded, a later one coded.
+    colors = {"Liver": (0.8, 0.2, 0.2), "Tumor": (0.2, 0.2, 0.9 - 0.1 * index)}
+    codes = {"Liver": LIVER_CODE, "Tumor": TUMOR_CODE if index == 3 else ""}
+    looks = [SegmentLook(n, colors[n], codes[n]) for n in names]
+    return CaseReader(f"case{index:02d}", names, read, looks=looks)
 
 
 def test_export_writes_consistent_classes_and_reads_each_case_once(tmp_path):
@@ -55,6 +63,15 @@ def test_export_writes_consistent_classes_and_reads_each_case_once(tmp_path):
     assert np.array_equal(first.array, second.array)  # same classes whatever the segment order
     assert first.geometry.close_to(GEOMETRY)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".autonnunet-export-")]  # staging removed
+    # Each class's look: the first segment's color (case00), the first terminology found (case03's
+    # Tumor), recorded under the dataset's class names (the rename applied).
+    assert dataset[SEGMENTS_KEY] == {
+        "Liver": {"segment_name": "Liver", "color": [0.8, 0.2, 0.2], "terminology": LIVER_CODE},
+        "Lesion": {"segment_name": "Tumor", "color": [0.2, 0.2, 0.9], "terminology": TUMOR_CODE}}
+    looks = prediction_looks({"background": 0, "lesion": 2, "Liver": 1, "Other": 3}, dataset)
+    assert [(n, x.color, x.terminology) for n, x in looks.items()] == [
+        ("Liver", (0.8, 0.2, 0.2), LIVER_CODE), ("lesion", (0.2, 0.2, 0.9), TUMOR_CODE), ("Other", looks["Other"].color, "")]
+    assert looks["Other"].color not in ((0.8, 0.2, 0.2), (0.2, 0.2, 0.9))  # no record: a distinct color
 
 
 def test_export_of_20_cases_peaks_below_twice_one_case(tmp_path):

@@ -495,6 +495,7 @@ def test_a_prediction_job_carries_its_inputs_options_and_node(tmp_path):
     spec = json.loads((Path(job.job_dir) / "job.json").read_text())
     argv = spec["steps"][0]["argv"]
     assert argv[:2] == ["predict", "--model"] and "--mirroring" in argv
+    assert argv[argv.index("--events") + 1] == str(Path(job.job_dir) / "events.jsonl")  # the status follows it
     assert argv[argv.index("--folds") + 1:argv.index("--folds") + 3] == ["0", "2"] and "cpu" in argv
     inputs = sorted(p.name for p in (Path(job.job_dir) / "inputs").iterdir())
     assert inputs == ["case_0000.nii.gz", "case_0001.nii.gz"]  # nnU-Net naming, one file per channel

@@ -22,14 +22,28 @@ from AutoNNUNetSlicerLib import logic  # noqa: E402
 
 
 class Segment:
-    def __init__(self, name):
-        self.name, self.color = name, None
+    """vtkSegment's name, color and terminology entry string (5.10: Get/Set/HasTerminology)."""
+
+    def __init__(self, name, color=(0.5, 0.5, 0.5), terminology=""):
+        self.name, self.color, self.terminology = name, color, terminology
 
     def GetName(self):  # noqa: N802 - Slicer's spelling
         return self.name
 
     def SetColor(self, *rgb):  # noqa: N802
         self.color = rgb
+
+    def GetColor(self):  # noqa: N802
+        return self.color
+
+    def GetTerminology(self):  # noqa: N802
+        return self.terminology
+
+    def SetTerminology(self, text):  # noqa: N802
+        self.terminology = text
+
+    def HasTerminology(self):  # noqa: N802
+        return bool(self.terminology)
 
 
 class Segmentation:
@@ -168,15 +182,26 @@ def test_predictions_are_tagged_and_never_training_cases(scene):
     assert "CreateClosedSurfaceRepresentation" in predicted.calls
 
 
-def test_model_folder_reading_needs_no_torch(tmp_path):
-    (tmp_path / "dataset.json").write_text('{"channel_names": {"1": "FLAIR", "0": "T1"}, '
-                                           '"labels": {"background": 0, "Lesion": 1}}')
-    assert logic.model_channel_names(tmp_path) == ["T1", "FLAIR"]
-    assert logic.model_classes(tmp_path) == {"background": 0, "Lesion": 1}
-    assert logic.model_channel_names(Path()) == [] and logic.model_classes(tmp_path / "none") == {}
-    (tmp_path / "dataset.json").write_text('{"labels": {"background": 0, "whole": [1, 2]}}')
-    with pytest.raises(ValueError, match="region-based"):
-        logic.model_classes(tmp_path)
+def test_training_segments_lend_the_predicted_ones_their_color_and_terminology(scene):
+    from AutoNNUNetSlicerLib.terminology import prediction_looks
+
+    liver = "SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes~^^~"
+    drawn = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn")
+    drawn.segmentation.segments = {"a": Segment("Liver", (0.8, 0.1, 0.1), liver), "b": Segment("Tumor", (0.1, 0.9, 0.2))}
+    looks = logic.segment_looks(drawn)
+    assert [(x.name, x.color, x.terminology) for x in looks] == [("Liver", (0.8, 0.1, 0.1), liver),
+                                                                  ("Tumor", (0.1, 0.9, 0.2), "")]
+    from AutoNNUNetSlicerLib.terminology import class_looks, looks_entry
+
+    dataset_json = {"labels": {"background": 0, "Liver": 1, "Tumor": 2},
+                    "autonnunet_segments": looks_entry(class_looks([looks]))}
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    classes = {"background": 0, "Liver": 1, "Tumor": 2}
+    predicted = logic.segmentation_from_label_array(np.array([[[0, 1, 2]]], np.uint8), volume, classes,
+                                                     show_3d=False, looks=prediction_looks(classes, dataset_json))
+    segments = [predicted.segmentation.GetSegment(s) for s in logic.segment_ids(predicted)]
+    assert [(x.name, x.color, x.terminology) for x in segments] == [("Liver", (0.8, 0.1, 0.1), liver),
+                                                                     ("Tumor", (0.1, 0.9, 0.2), "")]
 
 
 def test_sample_data_becomes_labeled_cases_on_the_generated_grids(scene):

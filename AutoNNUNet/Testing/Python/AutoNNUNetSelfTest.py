@@ -32,6 +32,10 @@ SEARCH_VALUES = {"searchSpace": "HPO", "profile": "quick", "totalEpochs": 0, "wa
 class AutoNNUNetTest(ScriptedLoadableModuleTest):
     SHAPE = (24, 28, 32)  # K, J, I
     DICE_THRESHOLD = 0.5
+    COLORS = {"Sphere": (0.85, 0.65, 0.1), "Box": (0.2, 0.45, 0.9)}
+    #: A Segment Editor terminology entry string (category ~ type ~ modifier ~ anatomic region ...).
+    TERMINOLOGY = {"Sphere": "Segmentation category and type - 3D Slicer General Anatomy list~SCT^85756007^Tissue"
+                             "~SCT^85756007^Tissue~^^~Anatomic codes - DICOM master list~^^~^^"}
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
@@ -90,6 +94,10 @@ class AutoNNUNetTest(ScriptedLoadableModuleTest):
         values = {"Sphere": 1, "Box": 2}
         for name in names:
             segmentId = node.GetSegmentation().AddEmptySegment(name, name)
+            segment = node.GetSegmentation().GetSegment(segmentId)
+            segment.SetColor(*self.COLORS[name])
+            if name in self.TERMINOLOGY:
+                segment.SetTerminology(self.TERMINOLOGY[name])
             slicer.util.updateSegmentBinaryLabelmapFromArray((truth == values[name]).astype("uint8"), node, segmentId, volume)
         return node
 
@@ -172,6 +180,10 @@ class AutoNNUNetTest(ScriptedLoadableModuleTest):
 
         names = sorted(scenelogic.segment_names(segmentationNode))
         self.assertEqual(names, ["Box", "Sphere"])
+        # The training segments' colors and terminology are the predicted segments' own.
+        for look in scenelogic.segment_looks(segmentationNode):
+            np.testing.assert_allclose(look.color, self.COLORS[look.name], atol=1e-6)
+            self.assertEqual(look.terminology, self.TERMINOLOGY.get(look.name, ""))
         reference = vtk.vtkMatrix4x4()
         testVolume.GetIJKToRASMatrix(reference)
         referenceMatrix = slicer.util.arrayFromVTKMatrix(reference)
