@@ -25,7 +25,9 @@ def _uncapped(dataset_json: dict) -> dict:
     return {**dataset_json, "numTraining": 100_000}
 
 
-def test_estimate_is_nnunets_own(planned):
+def test_estimate_is_nnunets_own(planned, monkeypatch):
+    # nnU-Net's estimate sets torch's thread count to nnUNet_n_proc_DA; the tests' 0 would fail there.
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
     plans, dataset_json = planned
