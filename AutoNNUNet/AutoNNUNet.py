@@ -112,6 +112,8 @@ class AutoNNUNetParameterNode:
     show3d: bool = True  # surfaces can take minutes on large volumes
     predictFolds: str = ""  # "" = every fold the model has
     predictDevice: Annotated[str, Choice(list(DEVICES))] = "auto"
+    selectEpochs: Annotated[int, WithinRange(1, 10000)] = 1000  # the final training length of a selection
+    remoteSearchJobId: str = ""  # the runner's last finished search, which a remote selection starts from
     outputSegmentation: slicer.vtkMRMLSegmentationNode
 
 
@@ -183,6 +185,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.paretoOnlyCheckBox.toggled.connect(lambda _checked: self._showTrials(self._shownTrials))
         self.ui.useIncumbentButton.clicked.connect(self.onUseIncumbent)
         self.ui.useSelectedTrialButton.clicked.connect(self.onUseSelectedTrial)
+        self.ui.selectModelButton.clicked.connect(self.onSelectModel)
         self.ui.exportModelButton.clicked.connect(self.onExportModel)
         self.ui.importModelButton.clicked.connect(self.onImportModel)
         self.ui.modelPathLineEdit.currentPathChanged.connect(self._onModelPathEdited)
@@ -304,6 +307,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             cases=self.ui.casesTableWidget.rowCount, model=bool(self._parameterNode)
             and view.is_model_folder_set(self._parameterNode.modelDir),
             remote=self.ui.whereComboBox.currentText == RUN_REMOTE,
+            remote_search=bool(self._parameterNode and self._parameterNode.remoteSearchJobId),
             running={kind for kind in board.jobs if board.running(kind)}, **folder)
         for name, enabled in view.button_states(facts).items():
             getattr(self.ui, name).enabled = enabled
@@ -659,8 +663,8 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runInBackground("connection", lambda: tasks.test_connection(url, token), done)
 
     def onStop(self) -> None:
-        """Stop whatever runs on the working folder (the search or the fingerprinting)."""
-        for kind in ("search", "fingerprint"):
+        """Stop whatever runs on the working folder (the search, the selection or the fingerprinting)."""
+        for kind in ("search", "select", "fingerprint"):
             if self.logic.board.running(kind):
                 self.onCancel(kind)
 
@@ -693,6 +697,10 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     chart.show_points(progress.points())
             elif entry.kind == "predict":
                 self.ui.inferenceStatusLabel.text = view.predict_status_text(entry.progress)
+            elif entry.kind == "select":
+                self._appendLog(update.log)
+                self.ui.statusLabel.text = "Selection: " + entry.progress.status_text()
+                self.ui.progressBar.value = entry.progress.percent()
             if entry.done:
                 self._onJobFinished(entry)
         if not self.logic.board.any_running() and not self._calls:
@@ -706,7 +714,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._appendLog(f"{kind} {entry.state}" + (f": {entry.message}" if entry.message else ""))
         if kind == "predict":
             self.ui.inferenceStatusLabel.text = text
-        elif kind == "search":
+        elif kind in ("search", "select"):
             self.ui.statusLabel.text = text
         if entry.cancelled_by_scene_close:
             return
@@ -739,6 +747,8 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif kind == "search":
                 self.ui.progressBar.value = 100
                 if context.remote:
+                    if self._parameterNode is not None:  # what a remote selection starts from
+                        self._parameterNode.remoteSearchJobId = entry.job.job_id
                     self._showTrials(self.logic.trialRows(context.download_dir))  # the runner's results.json
                     modelZip = getattr(entry.job, "output", None)
                     if modelZip is not None:
@@ -749,6 +759,14 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     modelDir = self.logic.incumbentModelDir(context.search_root)
                     if modelDir is not None:
                         self._parameterNode.modelDir = modelDir
+            elif kind == "select":
+                self.ui.progressBar.value = 100
+                if context.remote:
+                    selectionZip = getattr(entry.job, "output", None)
+                    if selectionZip is not None:
+                        self._collectRemoteModel(Path(selectionZip), context.download_dir / "selection")
+                elif self._parameterNode is not None:
+                    self._parameterNode.modelDir = context.model_dir  # the selection root
             elif kind == "predict":
                 segmentationNode = self.logic.loadPrediction(entry)
                 if self._parameterNode is not None:
@@ -812,6 +830,25 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.warningDisplay(f"Trial {trial} kept no model folder.", windowTitle="AutoNNUNet")
             return
         self._parameterNode.modelDir = Path(row.model_dir)
+
+    def onSelectModel(self) -> None:
+        """nnU-Net's own model selection after the search: the candidates on 5 folds, the best
+        model or pairwise ensemble by cross-validation Dice, and its postprocessing."""
+        remote = self._parameterNode.runWhere == RUN_REMOTE
+        if not self._ensureDependencies(remoteOnly=remote):
+            return
+        with slicer.util.tryWithErrorDisplay("Could not start the model selection.", waitCursor=True):
+            params = parameters.select_params(parameters.node_values(self._parameterNode, parameters.SELECT_FIELDS))
+            if remote:
+                self._saveRemoteSettings()
+                self.logic.startRemoteSelection(self._workDir(), self._parameterNode.remoteSearchJobId, params,
+                                                self.ui.remoteUrlLineEdit.text.strip(),
+                                                self.ui.remoteTokenLineEdit.text.strip())
+            else:
+                self.logic.startSelection(self._workDir(), params)
+            self._appendLog(f"Starting the model selection ({params.epochs} epochs per fold)...")
+            self.ui.progressBar.value = 0
+            self._startPolling()
 
     def onExportModel(self) -> None:
         if not view.is_model_folder_set(self._parameterNode.modelDir):

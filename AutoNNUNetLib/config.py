@@ -60,7 +60,8 @@ def check_planned(plans: dict, configurations: Sequence[str], preprocessed: Opti
             if not identifier or not (Path(preprocessed) / identifier).is_dir():
                 raise ConfigurationNotPlanned(
                     f"configuration {name!r} is planned but not preprocessed ({Path(preprocessed) / str(identifier)} "
-                    "is missing); preprocess it first")
+                    f"is missing); preprocess it first: autonnunet fingerprint --workdir WORKSPACE --configurations {name} "
+                    "--missing-only")
 
 
 @dataclass

@@ -236,6 +236,31 @@ def preprocess(
         _preprocess(workspace, todo, max(1, int(num_processes)), progress or (lambda event: None), verbose)
 
 
+def preprocess_missing(
+    workspace: Workspace,
+    configurations: Sequence[str],
+    num_processes: int = 2,
+    progress: Optional[ProgressCallback] = None,
+    verbose: bool = False,
+) -> list[str]:
+    """Preprocess those of ``configurations`` that the plans hold and whose data is not there yet.
+
+    What a job asking for configurations beyond the default needs after the shared plan step: it
+    never re-plans, costs nothing when all are there, and leaves a configuration nnU-Net did not
+    plan to the caller (a search names it, a selection skips it). Returns the ones it preprocessed.
+    """
+    from .config import planned_configurations
+
+    if not workspace.plans_file.is_file():
+        raise FingerprintError(f"{workspace.plans_file} is missing: plan the dataset first")
+    plans = workspace.load_plans()
+    missing = [name for name in dict.fromkeys(configurations) if name in planned_configurations(plans)
+               and not (workspace.preprocessed_dataset / plans["configurations"][name]["data_identifier"]).is_dir()]
+    if missing:
+        preprocess(workspace, missing, num_processes=num_processes, progress=progress, verbose=verbose)
+    return missing
+
+
 def _preprocess(workspace: Workspace, todo: Sequence[str], num_processes: int, emit: ProgressCallback,
                 verbose: bool) -> None:
     """nnU-Net's preprocessor for each of ``todo`` (inside ``workspace.activate()``)."""
@@ -527,12 +552,22 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--summary-only", action="store_true", help="do not recompute: summarize the existing plans"
     )
+    parser.add_argument(
+        "--missing-only", action="store_true",
+        help="keep the plans: only preprocess those of --configurations that are planned and not preprocessed yet",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(func=_run_command)
 
 
 def _run_command(args: argparse.Namespace) -> int:
     workspace = Workspace(args.workdir, dataset_name=args.dataset)
+    if args.missing_only:
+        done = preprocess_missing(workspace, args.configurations, num_processes=args.processes, progress=_log_progress,
+                                  verbose=bool(getattr(args, "verbose", False)))
+        print(f"preprocessed: {', '.join(done)}" if done else "nothing to preprocess: "
+              "the requested configurations are preprocessed or not planned")
+        return 0
     if args.summary_only:
         summary = summarize(workspace)
     else:

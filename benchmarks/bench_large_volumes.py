@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -240,7 +241,12 @@ def measure_methods(model_dir: Path, image_path: Path, work: Path, budget: float
         os.symlink(image_path, target)
     cli_env = dict(env, nnUNet_results=str(nnunet_results), nnUNet_raw=str(work), nnUNet_preprocessed=str(work))
     start = time.perf_counter()
-    data, wall, peak = run_measured(me + ["--peak", "--", "nnUNetv2_predict", "-i", str(inputs), "-o", str(outputs),
+    # The command sits beside this interpreter (a venv's bin), which need not be on PATH.
+    command = shutil.which("nnUNetv2_predict", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                                      os.environ.get("PATH", "")]))
+    if command is None:
+        raise RuntimeError("nnUNetv2_predict not found beside this Python or on PATH; install nnunetv2")
+    data, wall, peak = run_measured(me + ["--peak", "--", command, "-i", str(inputs), "-o", str(outputs),
                                           "-d", plans["dataset_name"], "-c", "3d_fullres", "-f", "0",
                                           "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env=cli_env)
     wall = time.perf_counter() - start

@@ -309,6 +309,29 @@ def start_search(work_dir, settings, *, resume: bool = False, python: Optional[s
     return _start(job_dir, [step], python, env), JobContext("search", work_dir, search_root=root)
 
 
+def selection_root(work_dir) -> Path:
+    """Where a local selection writes nnU-Net's files (it becomes the model folder when it ends)."""
+    return Path(work_dir) / "selection"
+
+
+def start_selection(work_dir, params, *, python: Optional[str] = None, env: Optional[dict] = None):
+    """nnU-Net's model selection after the working folder's search (a ``SelectParams``): the
+    candidates trained on every fold to ``params.epochs``, then the model or ensemble and its
+    postprocessing, into :func:`selection_root`. Starting it again resumes it: finished folds stay."""
+    from AutoNNUNetLib.jobs.recipes import preprocess_step, select_steps
+
+    work_dir = Path(work_dir).resolve()
+    if not has_search(work_dir):
+        raise ValueError(f"{search_root(work_dir)} holds no search yet: run a search first")
+    job_dir = job_folder(work_dir, "select")
+    # The panel's fingerprint step planned every configuration but preprocessed 3d_fullres only;
+    # no plan step here (it would plan again): the other candidates are preprocessed where planned.
+    steps = ([preprocess_step(work_dir, params.configurations)] if params.configurations else []) + select_steps(
+        params, job_dir, work_dir, search_root(work_dir), selection_root(work_dir))
+    return _start(job_dir, steps, python, env), JobContext("select", work_dir, search_root=search_root(work_dir),
+                                                          model_dir=selection_root(work_dir))
+
+
 def start_prediction(work_dir, model_dir, inputs: Sequence[Any], *, device: str = "auto", mirroring: bool = False,
                      largest_component: bool = False, python: Optional[str] = None, env: Optional[dict] = None,
                      reference_volume: Any = None, output_segmentation: Any = None, classes: Optional[dict] = None,
@@ -414,10 +437,24 @@ def start_remote_search(work_dir, settings, url: str, token: str):
     return job, JobContext("search", work_dir, download_dir=download_dir, remote=True)
 
 
+def start_remote_selection(work_dir, search_job_id: str, params, url: str, token: str):
+    """Submit nnU-Net's model selection on the runner's search job ``search_job_id``; the
+    selection zip arrives in the job's download folder (network calls off the caller's thread)."""
+    from AutoNNUNetLib.remote.job import RemoteJob
+
+    if not search_job_id:
+        raise ValueError("no remote search to select from: run a search on the runner first")
+    body = {name: value for name, value in params.to_dict().items() if name != "search_job_id"}
+    download_dir = job_folder(Path(work_dir), "remote-select")
+    job = RemoteJob.submit(remote_client(url, token), "select", {"search_job_id": search_job_id, **body},
+                           download_dir=download_dir)
+    return job, JobContext("select", Path(work_dir), download_dir=download_dir, remote=True)
+
+
 # -- re-attach after Slicer restarts -----------------------------------------------------------------
 
 #: Kinds worth picking up again after a restart (a prediction's input node is gone with the scene).
-REATTACHED_KINDS = ("search", "fingerprint")
+REATTACHED_KINDS = ("search", "fingerprint", "select")
 
 
 def job_record(entry: ModuleJob) -> Optional[dict]:
@@ -445,8 +482,10 @@ def reattach_local(record: dict):
     except (JobError, KeyError, OSError):
         return None
     work_dir = Path(record["work_dir"])
-    root = search_root(work_dir) if record["kind"] == "search" else None
-    return job, JobContext(record["kind"], work_dir, search_root=root)
+    kind = record["kind"]
+    root = search_root(work_dir) if kind in ("search", "select") else None
+    return job, JobContext(kind, work_dir, search_root=root, model_dir=selection_root(work_dir) if kind == "select"
+                           else None)
 
 
 def reattach_remote(record: dict, token: str):

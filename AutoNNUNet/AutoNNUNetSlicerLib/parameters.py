@@ -25,6 +25,10 @@ SEARCH_FIELDS = ("searchSpace", "profile", "totalEpochs", "wallTimeHours", "maxT
                  "folds", "iterationsPerEpoch", "priorFirst", "runtimeWeight", "device")
 
 
+#: The parameter node's fields a model selection reads.
+SELECT_FIELDS = ("selectEpochs", "iterationsPerEpoch", "device")
+
+
 def node_values(node: Any, names=SEARCH_FIELDS) -> dict[str, Any]:
     """The named fields of a parameter node (or any object with those attributes) as a dict."""
     return {name: getattr(node, name) for name in names}
@@ -67,3 +71,14 @@ def search_request(settings) -> dict[str, Any]:
 
     values = settings.to_dict()
     return {name: values[name] for name in SEARCH_REQUEST_FIELDS if values.get(name) is not None}
+
+
+def select_params(values: Mapping[str, Any]):
+    """The selection request for the panel's values: the final training length, the search's
+    iterations per epoch (0: nnU-Net's) and device; candidates and folds as nnU-Net does (the
+    incumbent and the next Pareto point, 2d / 3d_lowres where planned, 5 folds)."""
+    from AutoNNUNetLib.jobs.params import SelectParams
+
+    iterations = int(values["iterationsPerEpoch"])
+    return SelectParams(epochs=int(values["selectEpochs"]), iterations_per_epoch=iterations or None,
+                        device=str(values["device"]))

@@ -65,6 +65,17 @@ class ModuleSession:
         job, context = modulejobs.start_remote_search(workDir, settings, url, token)
         return self.board.add("search", job, context)
 
+    def startSelection(self, workDir: Path, params):
+        """nnU-Net's model selection on the working folder's search (``SelectParams``), locally."""
+        self._free("select")
+        job, context = modulejobs.start_selection(workDir, params)
+        return self.board.add("select", job, context)
+
+    def startRemoteSelection(self, workDir: Path, searchJobId: str, params, url: str, token: str):
+        self._free("select")
+        job, context = modulejobs.start_remote_selection(workDir, searchJobId, params, url, token)
+        return self.board.add("select", job, context)
+
     def startVersionsCheck(self, workDir: Path):
         self._free("versions")
         job, context = modulejobs.start_versions_check(workDir)

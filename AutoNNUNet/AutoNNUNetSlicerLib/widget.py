@@ -141,7 +141,8 @@ def job_end_text(kind: str, state: str, message: str = "", stopped: bool = False
         return "Search stopped (wall time); Resume continues it."
     if state == "succeeded":
         return {"search": "Search finished.", "fingerprint": "Fingerprint and plans ready.",
-                "predict": "Segmentation finished."}.get(kind, f"{kind} finished.")
+                "predict": "Segmentation finished.",
+                "select": "Selection finished: it is the model folder now."}.get(kind, f"{kind} finished.")
     text = f"{kind.capitalize()} {state}"
     if kind == "search" and state == "cancelled":
         return text + "; use Resume to continue."
@@ -188,6 +189,7 @@ class PanelFacts:
     search: bool = False  # ... and a search folder (Resume)
     model: bool = False  # a model folder is chosen
     remote: bool = False  # Run on: remote runner
+    remote_search: bool = False  # a search ran on the runner (its job id is kept)
     running: set = field(default_factory=set)  # kinds of the jobs running now
 
 
@@ -196,7 +198,8 @@ def button_states(facts: PanelFacts) -> dict[str, bool]:
 
     A remote search needs the exported dataset only (the runner plans it); a local one the plans.
     """
-    busy = bool({"search", "fingerprint"} & facts.running)
+    # A selection reads the search folder a new search would rename: they exclude each other.
+    busy = bool({"search", "fingerprint", "select"} & facts.running)
     return {
         "exportDatasetButton": facts.cases > 0 and not busy,
         "runAllButton": facts.cases > 0 and not busy,
@@ -204,6 +207,7 @@ def button_states(facts: PanelFacts) -> dict[str, bool]:
         "showFingerprintButton": facts.planned and not busy,
         "startButton": not busy and (facts.dataset if facts.remote else facts.planned),
         "resumeButton": not busy and facts.search and not facts.remote,
+        "selectModelButton": not busy and (facts.remote_search if facts.remote else facts.search),
         "stopButton": busy,
         "segmentButton": facts.model and "predict" not in facts.running,
         "cancelSegmentButton": "predict" in facts.running,

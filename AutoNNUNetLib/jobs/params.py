@@ -126,7 +126,7 @@ class _Record:
 SEARCH_REQUEST_FIELDS = (
     "space", "profile", "min_epochs", "max_epochs", "eta", "budget", "total_epochs", "max_trials", "wall_time",
     "folds", "iterations_per_epoch", "runtime_weight", "seed", "workers", "optimizer", "prior_confidence",
-    "max_validation_cases",
+    "max_validation_cases", "configuration", "configurations",
 )
 
 
@@ -156,6 +156,8 @@ class SearchParams(_Record):
     optimizer: Optional[str] = None
     prior_confidence: Optional[str] = None
     max_validation_cases: Optional[int] = None
+    configuration: Optional[str] = None         # the prior's nnU-Net configuration (None: 3d_fullres)
+    configurations: Optional[list[str]] = None  # the searched ones (None: [configuration])
 
     def __post_init__(self) -> None:
         _check_text("upload_id", self.upload_id, optional=False)

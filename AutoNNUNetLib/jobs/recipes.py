@@ -36,6 +36,26 @@ def plan_step(workspace: PathLike) -> Step:
                 message="fingerprint, plan and preprocess the dataset")
 
 
+def preprocess_step(workspace: PathLike, configurations: list[str]) -> Step:
+    """Preprocess those of ``configurations`` the shared plan step did not (it does 3d_fullres).
+
+    After :func:`plan_step`, under its lock; no marker, since each job asks for its own
+    configurations and the command costs nothing when they are all there. It never re-plans, and
+    leaves an unplanned configuration to the job (a search names it, a selection skips it).
+    """
+    workspace = Path(workspace)
+    return Step(name="preprocess", argv=["fingerprint", "--workdir", str(workspace), "--configurations",
+                                         *configurations, "--missing-only"],
+                lock=str(workspace / ".plan.lock"),
+                message=f"preprocess {', '.join(configurations)} where nnU-Net planned them")
+
+
+def prepare_steps(workspace: PathLike, configurations: list[str]) -> list[Step]:
+    """The plan step, then a preprocess step when a job needs more than the planned default."""
+    extra = [name for name in configurations if name != "3d_fullres"]
+    return [plan_step(workspace)] + ([preprocess_step(workspace, extra)] if extra else [])
+
+
 def search_steps(params: SearchParams, job_dir: PathLike, workspace: PathLike, root: PathLike, *,
                  device: str = "auto", env: Optional[dict[str, str]] = None,
                  extra_argv: Optional[list[str]] = None, artifacts: Optional[PathLike] = None) -> list[Step]:
@@ -169,7 +189,8 @@ def local_spec(params: Params, job_dir: PathLike, *, workspace: Optional[PathLik
     steps: list[Step] = []
     if isinstance(params, SearchParams):
         ws = need("workspace", workspace)
-        steps = ([plan_step(ws)] if plan else []) + search_steps(params, job_dir, ws, need("root", root))
+        steps = ((prepare_steps(ws, params.settings().configurations) if plan else [])
+                 + search_steps(params, job_dir, ws, need("root", root)))
     elif isinstance(params, TrainParams):
         ws = need("workspace", workspace)
         steps = ([plan_step(ws)] if plan else []) + train_steps(params, job_dir, ws, need("output", output))
@@ -177,8 +198,8 @@ def local_spec(params: Params, job_dir: PathLike, *, workspace: Optional[PathLik
         steps = predict_steps(params, job_dir, need("model", model), need("images", images), need("output", output))
     elif isinstance(params, SelectParams):
         ws = need("workspace", workspace)
-        steps = ([plan_step(ws)] if plan else []) + select_steps(params, job_dir, ws, need("root", root),
-                                                                 need("output", output))
+        steps = ((prepare_steps(ws, params.configurations) if plan else [])
+                 + select_steps(params, job_dir, ws, need("root", root), need("output", output)))
     else:
         raise RequestError(f"not a job request: {type(params).__name__}")
     atomic_write_json(job_dir / "request.json", {"kind": type(params).__name__, "params": params.to_dict()})
@@ -190,5 +211,5 @@ def start_local(params: Params, job_dir: PathLike, *, env: Optional[dict[str, st
     return LocalJob.start(local_spec(params, job_dir, **paths), env=env)
 
 
-__all__ = ["ARTIFACTS_DIR", "plan_step", "search_steps", "train_steps", "predict_steps", "select_steps", "local_spec",
+__all__ = ["ARTIFACTS_DIR", "plan_step", "preprocess_step", "prepare_steps", "search_steps", "train_steps", "predict_steps", "select_steps", "local_spec",
            "start_local"]

@@ -294,9 +294,8 @@ def prepare_workspace(source: Union[str, Path], workdir: Union[str, Path], datas
     ``configurations`` (the searched ones) are preprocessed where planned and not preprocessed yet;
     an unplanned one is left for the search's own check to name.
     """
-    from ..config import planned_configurations
     from ..dataset import build_dataset, detect_source
-    from ..fingerprint import plan_and_preprocess, preprocess
+    from ..fingerprint import plan_and_preprocess, preprocess_missing
 
     workspace = Workspace(Path(workdir), dataset)
     if not any(workspace.raw.glob("Dataset*")):
@@ -307,9 +306,5 @@ def prepare_workspace(source: Union[str, Path], workdir: Union[str, Path], datas
                  workspace.root, workspace.require_dataset(), source)
     if not workspace.plans_file.is_file():
         plan_and_preprocess(workspace, progress=progress)
-    plans = workspace.load_plans()
-    missing = [name for name in configurations if name in planned_configurations(plans)
-               and not (workspace.preprocessed_dataset / plans["configurations"][name]["data_identifier"]).is_dir()]
-    if missing:
-        preprocess(workspace, missing, progress=progress)
+    preprocess_missing(workspace, configurations, progress=progress)
     return workspace

@@ -85,6 +85,38 @@ def test_params_reject_bad_values_and_unknown_keys():
     assert "--folds 0 1" in " ".join(train.to_argv("/ws", "/out"))
 
 
+def test_searched_configurations_travel_to_the_search_and_get_preprocessed_first(tmp_path):
+    from AutoNNUNetLib import cli
+    from AutoNNUNetLib.jobs.recipes import local_spec
+    from AutoNNUNetLib.jobs.params import SelectParams
+    from AutoNNUNetLib.search.settings import SearchSettings
+
+    params = SearchParams(upload_id="u", configuration="3d_fullres", configurations=["2d", "3d_fullres"])
+    assert SearchParams.from_json(params.to_json()) == params
+    argv = params.to_argv("/ws", "/root")
+    assert SearchSettings.from_argv(argv[5:]).configurations == ["2d", "3d_fullres"]  # the verb parses them back
+    with pytest.raises(ValueError, match="configurations: unknown nnU-Net configuration '4d'"):
+        SearchParams(upload_id="u", configurations=["4d"])
+    with pytest.raises(ValueError, match="prior's configuration '2d'"):
+        SearchParams(upload_id="u", configuration="2d", configurations=["3d_fullres"])
+
+    ws = (tmp_path / "ws").resolve()
+    spec = local_spec(params, tmp_path / "job", workspace=ws, root=tmp_path / "root", plan=True)
+    assert [s.name for s in spec.steps] == ["plan", "preprocess", "search"]
+    plan, preprocess, _ = spec.steps
+    assert preprocess.argv == ["fingerprint", "--workdir", str(ws), "--configurations", "2d", "--missing-only"]
+    assert preprocess.lock == plan.lock and preprocess.done_marker is None  # asked again by each job, cheap if done
+    parsed = cli.build_parser().parse_args(preprocess.argv)
+    assert parsed.missing_only and parsed.configurations == ["2d"]
+    # The default (3d_fullres only) needs nothing beyond the plan step.
+    default = local_spec(SearchParams(upload_id="u"), tmp_path / "job2", workspace=ws, root=tmp_path / "r2", plan=True)
+    assert [s.name for s in default.steps] == ["plan", "search"]
+    select = local_spec(SelectParams(epochs=2), tmp_path / "job3", workspace=ws, root=tmp_path / "root",
+                        output=tmp_path / "sel", plan=True)
+    assert [s.name for s in select.steps] == ["plan", "preprocess", "finalize", "select"]
+    assert select.steps[1].argv[4:6] == ["2d", "3d_lowres"]
+
+
 # -- progress ------------------------------------------------------------------------------------
 
 

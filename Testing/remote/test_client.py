@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import zipfile
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -32,6 +33,9 @@ from AutoNNUNetLib.remote.client import RemoteClient, RemoteError, make_archive
 from AutoNNUNetLib.remote.job import RemoteJob
 from AutoNNUNetLib.processes import process_group_members
 from AutoNNUNetLib.remote.server.store import Store
+
+# The Slicer module's own job functions (AutoNNUNetSlicerLib) submit and collect a selection below.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "AutoNNUNet"))
 
 from test_server import ServerProcess, check_data_dir, free_port, images_folder, make_subset
 
@@ -263,35 +267,65 @@ def test_predict_job_on_the_server(remote, search_job, hippocampus_dir, tmp_path
 
 
 def test_select_job_on_the_server(remote, search_job, hippocampus_dir, tmp_path):
-    """One cheap selection of the finished search: the incumbent alone, fold 0, 1 epoch x 2 iterations."""
+    """One cheap selection of the finished search (the incumbent alone, fold 0, 1 epoch x 2
+    iterations), submitted and collected the way the Slicer module does it."""
     import numpy as np
 
     from AutoNNUNetLib.imaging import Volume
-    from AutoNNUNetLib.selection.archive import import_selection
+    from AutoNNUNetLib.jobs.params import SelectParams
     from AutoNNUNetLib.selection.predictor import Selection
+    from AutoNNUNetSlicerLib import collect
+    from AutoNNUNetSlicerLib import jobs as modulejobs
 
     client = remote.client
     search_id = search_job["job"]["id"]
-    request = {"epochs": 1, "iterations_per_epoch": 2, "folds": [0], "top": 0, "configurations": []}
-    job = client.submit_select(search_id, **request)
-    assert job["kind"] == "select" and job["params"]["search_job_id"] == search_id and job["params"]["folds"] == [0]
+    request = SelectParams(epochs=1, iterations_per_epoch=2, folds=[0], top=0, configurations=[])
+    job, context = modulejobs.start_remote_selection(tmp_path, search_id, request, remote.url, remote.alice_token)
+    board = modulejobs.JobBoard()
+    board.add("select", job, context)
+    deadline = time.monotonic() + 60
+    while not job.job_id:
+        assert time.monotonic() < deadline and not board.get("select").done, board.get("select").message
+        board.poll()
+        time.sleep(0.05)
+    record = client.status(job.job_id)
+    assert record["kind"] == "select" and record["params"]["search_job_id"] == search_id
+    assert record["params"]["folds"] == [0] and record["params"]["epochs"] == 1
     response = client._request("DELETE", f"/jobs/{search_id}", ok=(204, 409))
-    assert response.status_code == 409 and job["id"] in response.json()["detail"]  # the select job reads it
-    final = client.wait(job["id"], poll=1.0, timeout=600)
-    log = client.logs(job["id"], 0, 1 << 20)["text"]
-    assert final["state"] == "succeeded", log[-3000:]
+    assert response.status_code == 409 and job.job_id in response.json()["detail"]  # the select job reads it
+    entry = board.wait("select", timeout=600, interval=0.5)
+    log = client.logs(job.job_id, 0, 1 << 20)["text"]
+    assert entry.state == "succeeded", log[-3000:]
     assert "candidates: incumbent (3d_fullres)" in log and "trained 1 fold(s) this run" in log
+    final = client.status(job.job_id)
     assert {"selection.zip", "selection.json", "report.zip"} <= {a["name"] for a in final["artifacts"]}
-    record = json.loads(client._request("GET", f"/jobs/{job['id']}/artifacts/selection.json").content)
+    record = json.loads(client._request("GET", f"/jobs/{job.job_id}/artifacts/selection.json").content)
     assert record["folds"] == [0] and [m["name"] for m in record["members"]] == ["incumbent"]
-    with zipfile.ZipFile(client.download(job["id"], "report.zip", tmp_path)) as archive:
+    with zipfile.ZipFile(client.download(job.job_id, "report.zip", tmp_path)) as archive:
         assert "Model selection" in archive.read("index.html").decode()
-    root = import_selection(client.download(job["id"], "selection.zip", tmp_path), tmp_path / "selection")
+    # What the module does with the download: collected with requests only, then segmented with.
+    assert job.output == context.download_dir / "selection.zip"
+    described = collect.collect_remote_model(job.output, context.download_dir / "selection")
+    assert described.selection and described.member_names == ["incumbent"] and described.folds == [0]
     image = sorted((hippocampus_dir / "imagesTr").glob("hippocampus_*.nii.gz"))[-1]
-    labels = Selection(root, device="cpu").predict([Volume.read(image)])
+    labels = Selection(described.path, device="cpu").predict([Volume.read(image)])
     assert labels.array.shape == Volume.read(image).array.shape and set(np.unique(labels.array)) <= {0, 1, 2}
     refused = _cli(remote, "submit", "select", "--search-job", search_id, "--epochs", "0")
     assert refused.returncode == 2 and "epochs" in refused.stderr and "422" in refused.stderr, refused.stderr
+
+
+def test_a_module_selection_of_an_unknown_search_fails_with_the_servers_reason(remote, tmp_path):
+    from AutoNNUNetLib.jobs.params import SelectParams
+    from AutoNNUNetSlicerLib import jobs as modulejobs
+
+    job, context = modulejobs.start_remote_selection(tmp_path, "no-such-job", SelectParams(epochs=1), remote.url,
+                                                     remote.alice_token)
+    board = modulejobs.JobBoard()
+    board.add("select", job, context)
+    entry = board.wait("select", timeout=120, interval=0.1)
+    assert entry.state == "failed" and "no-such-job" in entry.message, entry.message
+    with pytest.raises(ValueError, match="run a search on the runner first"):
+        modulejobs.start_remote_selection(tmp_path, "", SelectParams(epochs=1), remote.url, remote.alice_token)
 
 
 def _cli(remote, *args: str, token: Optional[str] = None) -> subprocess.CompletedProcess:

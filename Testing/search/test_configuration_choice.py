@@ -22,15 +22,37 @@ from AutoNNUNetLib.workspace import Workspace
 
 @pytest.fixture(scope="module")
 def hippo_2d(hippo_workspace, tmp_path_factory) -> Workspace:
-    """A copy of the planned hippocampus workspace with its 2d configuration preprocessed too."""
-    from AutoNNUNetLib.fingerprint import preprocess
+    """A copy of the planned hippocampus workspace with its 2d configuration preprocessed too, by
+    the command a job's preprocess step runs (``fingerprint --missing-only``)."""
+    from AutoNNUNetLib import cli
 
     root = tmp_path_factory.mktemp("hippo_2d")
     for part in ("nnUNet_raw", "nnUNet_preprocessed"):
         shutil.copytree(hippo_workspace.root / part, root / part)
     workspace = Workspace(root, hippo_workspace.require_dataset())
-    preprocess(workspace, ["2d"], num_processes=2)
+    plans = workspace.plans_file.read_bytes()
+    assert cli.main(["fingerprint", "--workdir", str(root), "--configurations", "2d", "3d_lowres", "--missing-only",
+                     "--processes", "2"]) == 0
+    assert workspace.plans_file.read_bytes() == plans  # never re-planned
     return workspace
+
+
+def test_missing_only_preprocesses_the_planned_missing_ones_once(hippo_workspace, hippo_2d, capsys):
+    from AutoNNUNetLib.fingerprint import FingerprintError, preprocess_missing
+
+    plans = hippo_2d.load_plans()
+    cases = sorted(p.name for p in (hippo_2d.preprocessed_dataset / plans["configurations"]["3d_fullres"]
+                                    ["data_identifier"]).iterdir())
+    two_d = hippo_2d.preprocessed_dataset / plans["configurations"]["2d"]["data_identifier"]
+    assert sorted(p.name for p in two_d.iterdir()) == cases  # every case, in nnU-Net's own file names
+    # Now all there: nothing to do; 3d_lowres (not planned for these small images) is skipped, not an error.
+    assert preprocess_missing(hippo_2d, ["2d", "3d_fullres", "3d_lowres"]) == []
+    from AutoNNUNetLib import cli
+
+    assert cli.main(["fingerprint", "--workdir", str(hippo_2d.root), "--configurations", "2d", "--missing-only"]) == 0
+    assert "nothing to preprocess" in capsys.readouterr().out
+    with pytest.raises(FingerprintError, match="plan the dataset first"):
+        preprocess_missing(Workspace(hippo_2d.root / "nowhere", hippo_2d.require_dataset()), ["2d"])
 
 
 def test_unplanned_or_unpreprocessed_configurations_are_refused_by_name(hippo_workspace, hippo_2d, tmp_path, capsys):

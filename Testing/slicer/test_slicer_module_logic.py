@@ -570,3 +570,57 @@ def test_upgrade_stays_within_the_pins_and_keeps_torch_and_slicers_builds():
     assert result.installed == ["requests 2.31.0 -> 2.32.3"] and result.needs_restart
     again = install.upgrade_dependencies(Upgrading(versions), REQUIREMENTS, versions.get, loaded_modules=[])
     assert not again.installed and "up to date" in again.message
+
+
+# -- model selection from the panel ----------------------------------------------------------------
+
+
+def test_the_panels_selection_runs_on_the_working_folders_search(tmp_path):
+    """Select model: the request from the panel's values, a real local job on the working folder
+    (preprocess the other configurations, finalize, select); its children parse their flags and
+    stop with the library's own messages, since this folder holds no dataset and no trials."""
+    from AutoNNUNetLib.jobs.params import SelectParams
+
+    values = {**PANEL, "selectEpochs": 50}
+    params = parameters.select_params(values)
+    assert (params.epochs, params.iterations_per_epoch, params.device, params.folds) == (50, None, "cpu", "all")
+    assert params.configurations == ["2d", "3d_lowres"] and params.top == 1  # nnU-Net's candidates
+    assert parameters.select_params({**values, "iterationsPerEpoch": 25}).iterations_per_epoch == 25
+    with pytest.raises(ValueError, match="epochs"):
+        parameters.select_params({**values, "selectEpochs": 0})
+    with pytest.raises(ValueError, match="holds no search yet"):
+        modulejobs.start_selection(tmp_path, params, python=sys.executable)
+    assert not (tmp_path / "jobs").exists()  # refused before any job folder
+
+    (modulejobs.search_root(tmp_path) / "neps").mkdir(parents=True)
+    board = modulejobs.JobBoard()
+    job, context = modulejobs.start_selection(tmp_path, params, python=sys.executable)
+    assert context.model_dir == tmp_path.resolve() / "selection" and context.search_root == tmp_path.resolve() / "search"
+    spec = json.loads((Path(job.job_dir) / "job.json").read_text())
+    assert [step["name"] for step in spec["steps"]] == ["preprocess", "finalize", "select"]
+    entry = board.add("select", job, context)
+    assert modulejobs.job_record(entry)["kind"] == "select"  # found again after a restart
+    board.wait("select", timeout=120, interval=0.1)
+    assert entry.state == JobState.FAILED and "usage:" not in entry.log and "Traceback" not in entry.log
+    assert "dataset" in entry.log.lower()  # the preprocess step's own message
+
+    fullres_only = SelectParams(epochs=1, configurations=[], device="cpu")
+    job, context = modulejobs.start_selection(tmp_path, fullres_only, python=sys.executable)
+    board.add("select", job, context)
+    entry = board.wait("select", timeout=120, interval=0.1)
+    assert entry.state == JobState.FAILED and "usage:" not in entry.log and "Traceback" not in entry.log
+    assert "search" in entry.message.lower() or "search" in entry.log.lower()
+    reattached = modulejobs.reattach_local({"kind": "select", "work_dir": str(tmp_path), "job_dir": str(job.job_dir)})
+    assert reattached[1].model_dir == tmp_path / "selection"
+
+
+def test_the_select_button_needs_a_search_here_or_on_the_runner():
+    states = widget.button_states
+    assert not states(widget.PanelFacts(cases=6, planned=True))["selectModelButton"]
+    assert states(widget.PanelFacts(cases=6, planned=True, search=True))["selectModelButton"]
+    assert not states(widget.PanelFacts(search=True, remote=True))["selectModelButton"]  # the runner's search counts
+    assert states(widget.PanelFacts(remote=True, remote_search=True))["selectModelButton"]
+    selecting = states(widget.PanelFacts(cases=6, dataset=True, planned=True, search=True, running={"select"}))
+    # A new search would rename the folder the selection reads: it waits, and Stop stops the selection.
+    assert not selecting["selectModelButton"] and not selecting["startButton"] and selecting["stopButton"]
+    assert widget.job_end_text("select", "succeeded") == "Selection finished: it is the model folder now."

@@ -376,8 +376,9 @@ class JobQueue:
                 if self.settings.executor == "slurm" and self.settings.slurm.partition:
                     extra += ["--slurm-partition", self.settings.slurm.partition]
             search_env = {"CUDA_VISIBLE_DEVICES": ",".join(devices) if gpu else ""}
-            steps = [plan_step(workspace)] + search_steps(params, job_dir, workspace, job_dir / SEARCH_ROOT, device=device,
-                                                           env=search_env, extra_argv=extra, artifacts=artifacts)
+            steps = prepare_steps(workspace, params.settings().configurations) + search_steps(
+                params, job_dir, workspace, job_dir / SEARCH_ROOT, device=device, env=search_env, extra_argv=extra,
+                artifacts=artifacts)
         elif job.kind == "train":
             params = TrainParams.from_dict(job.params)
             workspace = self.paths.upload_workspace(params.upload_id)
@@ -405,8 +406,11 @@ class JobQueue:
             workspace = self.paths.upload_workspace(SearchParams.from_dict(search.params).upload_id)
             # The selection root is this job's: a re-run (after an interruption) resumes its folds,
             # and the search job's folder is only read.
-            steps = select_steps(params, job_dir, workspace, self.paths.job(search.id) / SEARCH_ROOT, job_dir / "selection",
-                                 device=device, workers=workers[:1], artifacts=artifacts)
+            # The plan step is the search's (a no-op by its marker); the other configurations are
+            # preprocessed here, so the selection can train them where nnU-Net planned them.
+            steps = prepare_steps(workspace, params.configurations) + select_steps(
+                params, job_dir, workspace, self.paths.job(search.id) / SEARCH_ROOT, job_dir / "selection",
+                device=device, workers=workers[:1], artifacts=artifacts)
         else:
             raise ApiError(422, f"unknown job kind {job.kind!r}")
         return JobSpec(job_dir=str(job_dir), steps=steps, executor=self.settings.executor,
