@@ -327,6 +327,11 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings.setValue(SETTINGS_REMOTE_HISTORY, json.dumps(history))
         self._updateUrlCompleter()
 
+    def _runner(self) -> tuple:
+        """The runner's URL and token as typed, remembered in Slicer's settings first."""
+        self._saveRemoteSettings()
+        return self.ui.remoteUrlLineEdit.text.strip(), self.ui.remoteTokenLineEdit.text.strip()
+
     def _updateUrlCompleter(self) -> None:
         """The runner URLs used before, offered while typing."""
         history = view.url_history(str(qt.QSettings().value(SETTINGS_REMOTE_HISTORY, "[]")))
@@ -628,9 +633,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Could not start the search.", waitCursor=True):
             settings = parameters.search_settings(parameters.node_values(self._parameterNode))  # validated here
             if remote:
-                self._saveRemoteSettings()
-                self.logic.startRemoteSearch(self._workDir(), settings, self.ui.remoteUrlLineEdit.text.strip(),
-                                             self.ui.remoteTokenLineEdit.text.strip())
+                self.logic.startRemoteSearch(self._workDir(), settings, *self._runner())
             else:
                 if not resume and modulejobs.has_search(self._workDir()):
                     # A new search must not silently mix with the trials of an old one.
@@ -646,8 +649,7 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._startPolling()
 
     def onTestConnection(self) -> None:
-        self._saveRemoteSettings()
-        url, token = self.ui.remoteUrlLineEdit.text.strip(), self.ui.remoteTokenLineEdit.text.strip()
+        url, token = self._runner()
         self.ui.testConnectionButton.enabled = False
         self.ui.statusLabel.text = f"Contacting {url}..."
 
@@ -683,24 +685,21 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     result = error
                 onDone(result)
         for entry, update in self.logic.board.poll():
-            if entry.kind == "search":  # other jobs keep their own log (see their job folder)
+            if entry.kind in ("search", "select"):  # other jobs keep their own log (see their job folder)
                 self._appendLog(update.log)
                 for event in update.events:
                     line = format_event(event)
                     if line and event.kind != "epoch":  # epoch lines go to the status label, not the log
                         self._appendLog(line)
                 progress = entry.progress
-                self.ui.statusLabel.text = progress.status_text()
+                self.ui.statusLabel.text = ("Selection: " if entry.kind == "select" else "") + progress.status_text()
                 self.ui.progressBar.value = progress.percent()
-                self.ui.bestDiceLabel.text = progress.best_text()
+                if entry.kind == "search":
+                    self.ui.bestDiceLabel.text = progress.best_text()
                 if any(e.kind == "trial_finished" for e in update.events):
                     chart.show_points(progress.points())
             elif entry.kind == "predict":
                 self.ui.inferenceStatusLabel.text = view.predict_status_text(entry.progress)
-            elif entry.kind == "select":
-                self._appendLog(update.log)
-                self.ui.statusLabel.text = "Selection: " + entry.progress.status_text()
-                self.ui.progressBar.value = entry.progress.percent()
             if entry.done:
                 self._onJobFinished(entry)
         if not self.logic.board.any_running() and not self._calls:
@@ -744,28 +743,21 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.ui.statusLabel.text = f"Model imported into {modelDir or context.model_dir}"
                 else:
                     slicer.util.infoDisplay(f"Model written to {context.output_file}", windowTitle="AutoNNUNet")
-            elif kind == "search":
+            elif kind in ("search", "select"):
                 self.ui.progressBar.value = 100
                 if context.remote:
-                    if self._parameterNode is not None:  # what a remote selection starts from
+                    if kind == "search":  # its results, and the id a remote selection starts from
                         self._parameterNode.remoteSearchJobId = entry.job.job_id
-                    self._showTrials(self.logic.trialRows(context.download_dir))  # the runner's results.json
-                    modelZip = getattr(entry.job, "output", None)
-                    if modelZip is not None:
-                        self._collectRemoteModel(Path(modelZip), context.download_dir / "model")
-                else:
+                        self._showTrials(self.logic.trialRows(context.download_dir))
+                    if getattr(entry.job, "output", None) is not None:  # model.zip or selection.zip
+                        self._collectRemoteModel(Path(entry.job.output), context.download_dir / (
+                            "model" if kind == "search" else "selection"))
+                elif kind == "search":
                     # The job's own working folder, even if the panel now shows another one.
                     self._showTrials(self.logic.trialRows(context.search_root))
-                    modelDir = self.logic.incumbentModelDir(context.search_root)
-                    if modelDir is not None:
-                        self._parameterNode.modelDir = modelDir
-            elif kind == "select":
-                self.ui.progressBar.value = 100
-                if context.remote:
-                    selectionZip = getattr(entry.job, "output", None)
-                    if selectionZip is not None:
-                        self._collectRemoteModel(Path(selectionZip), context.download_dir / "selection")
-                elif self._parameterNode is not None:
+                    self._parameterNode.modelDir = self.logic.incumbentModelDir(context.search_root) or \
+                        self._parameterNode.modelDir
+                else:
                     self._parameterNode.modelDir = context.model_dir  # the selection root
             elif kind == "predict":
                 segmentationNode = self.logic.loadPrediction(entry)
@@ -840,10 +832,8 @@ class AutoNNUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Could not start the model selection.", waitCursor=True):
             params = parameters.select_params(parameters.node_values(self._parameterNode, parameters.SELECT_FIELDS))
             if remote:
-                self._saveRemoteSettings()
                 self.logic.startRemoteSelection(self._workDir(), self._parameterNode.remoteSearchJobId, params,
-                                                self.ui.remoteUrlLineEdit.text.strip(),
-                                                self.ui.remoteTokenLineEdit.text.strip())
+                                                *self._runner())
             else:
                 self.logic.startSelection(self._workDir(), params)
             self._appendLog(f"Starting the model selection ({params.epochs} epochs per fold)...")

@@ -377,6 +377,11 @@ def report(args, shape, results, engines, tiles, elapsed, load) -> str:
               "DefaultPreprocessor bit for bit), predicts tiles into float16 sums and exports in slabs; stock "
               "holds float copies of the input (about 34 bytes per input voxel) and classes x voxels arrays on "
               "the original grid.",
+              "- A budget is a ceiling the planner fills, not a saving: without one the slabs are about 512 MB, "
+              f"so `max_memory_gb={args.budget_gb:g}` may use more than no budget (here "
+              f"{(results['budget']['peak_rss'] - results['budget']['rss_before']) / GB:.2f} vs "
+              f"{(results['ours']['peak_rss'] - results['ours']['rss_before']) / GB:.2f} GB above what the process "
+              "held before the call); it caps the peak, e.g. on a small machine.",
               "",
               "Seconds per tile (one tile forward, no mirroring, after 2 warm-up calls; label maps of the bounded "
               "path with each engine vs the torch engine on the listed volumes):",
