@@ -32,8 +32,8 @@ _EXPORTS = {
     "local": ("LocalJob",),
     "supervisor": ("Supervisor", "run_worker", "main"),
     "builtins": ("BUILTINS", "find_model_dir"),
-    "recipes": ("plan_step", "search_steps", "train_steps", "predict_steps", "select_steps", "local_spec",
-                "start_local"),
+    "recipes": ("plan_step", "preprocess_step", "prepare_steps", "search_steps", "train_steps", "predict_steps",
+                "select_steps", "local_spec", "start_local"),
 }
 #: Older names of the progress fold, which lives in AutoNNUNetLib.progress.
 _ALIASES = {"Progress": ("..progress", "SearchProgress"), "ProgressTracker": ("..progress", "ProgressReader")}

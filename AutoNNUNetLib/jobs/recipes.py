@@ -211,5 +211,5 @@ def start_local(params: Params, job_dir: PathLike, *, env: Optional[dict[str, st
     return LocalJob.start(local_spec(params, job_dir, **paths), env=env)
 
 
-__all__ = ["ARTIFACTS_DIR", "plan_step", "preprocess_step", "prepare_steps", "search_steps", "train_steps", "predict_steps", "select_steps", "local_spec",
-           "start_local"]
+__all__ = ["ARTIFACTS_DIR", "plan_step", "preprocess_step", "prepare_steps", "search_steps", "train_steps",
+           "predict_steps", "select_steps", "local_spec", "start_local"]

@@ -24,7 +24,7 @@ from typing import Optional
 from ...files import sha256_file
 from ...jobs import (
     ARTIFACTS_DIR, EVENTS_NAME, LOG_NAME, JobExit, JobSpec, LocalJob, PredictParams, SearchParams, SelectParams,
-    TrainParams, plan_step, predict_steps, read_exit, search_steps, select_steps, train_steps,
+    TrainParams, plan_step, predict_steps, prepare_steps, read_exit, search_steps, select_steps, train_steps,
 )
 from ...jobs.params import Params
 from ...processes import kill_process_group, process_group_members
