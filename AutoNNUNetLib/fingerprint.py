@@ -216,6 +216,13 @@ def plan_and_preprocess(
     return summary
 
 
+def _planned(workspace: Workspace) -> dict:
+    """The workspace's plans; :class:`FingerprintError` when it was not planned yet."""
+    if not workspace.plans_file.is_file():
+        raise FingerprintError(f"{workspace.plans_file} is missing: plan the dataset first")
+    return _load_json_file(workspace.plans_file, ("configurations",))
+
+
 def preprocess(
     workspace: Workspace,
     configurations: Sequence[str],
@@ -228,9 +235,7 @@ def preprocess(
     For a configuration the first run left out, e.g. ``2d`` for a search that takes the
     configuration as a choice. Raises :class:`FingerprintError` for a configuration not planned.
     """
-    if not workspace.plans_file.is_file():
-        raise FingerprintError(f"{workspace.plans_file} is missing: plan the dataset first")
-    plans = _load_json_file(workspace.plans_file, ("configurations",))
+    plans = _planned(workspace)
     todo = _configurations_to_preprocess(configurations, list(plans["configurations"]))
     with workspace.activate(), _nnunet_output(verbose):
         _preprocess(workspace, todo, max(1, int(num_processes)), progress or (lambda event: None), verbose)
@@ -251,9 +256,7 @@ def preprocess_missing(
     """
     from .config import planned_configurations
 
-    if not workspace.plans_file.is_file():
-        raise FingerprintError(f"{workspace.plans_file} is missing: plan the dataset first")
-    plans = workspace.load_plans()
+    plans = _planned(workspace)
     missing = [name for name in dict.fromkeys(configurations) if name in planned_configurations(plans)
                and not (workspace.preprocessed_dataset / plans["configurations"][name]["data_identifier"]).is_dir()]
     if missing:

@@ -318,7 +318,7 @@ def start_selection(work_dir, params, *, python: Optional[str] = None, env: Opti
     """nnU-Net's model selection after the working folder's search (a ``SelectParams``): the
     candidates trained on every fold to ``params.epochs``, then the model or ensemble and its
     postprocessing, into :func:`selection_root`. Starting it again resumes it: finished folds stay."""
-    from AutoNNUNetLib.jobs.recipes import preprocess_step, select_steps
+    from AutoNNUNetLib.jobs.recipes import prepare_steps, select_steps
 
     work_dir = Path(work_dir).resolve()
     if not has_search(work_dir):
@@ -326,7 +326,7 @@ def start_selection(work_dir, params, *, python: Optional[str] = None, env: Opti
     job_dir = job_folder(work_dir, "select")
     # The panel's fingerprint step planned every configuration but preprocessed 3d_fullres only;
     # no plan step here (it would plan again): the other candidates are preprocessed where planned.
-    steps = ([preprocess_step(work_dir, params.configurations)] if params.configurations else []) + select_steps(
+    steps = prepare_steps(work_dir, params.configurations, plan=False) + select_steps(
         params, job_dir, work_dir, search_root(work_dir), selection_root(work_dir))
     return _start(job_dir, steps, python, env), JobContext("select", work_dir, search_root=search_root(work_dir),
                                                           model_dir=selection_root(work_dir))

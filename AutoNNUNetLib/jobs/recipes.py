@@ -50,10 +50,11 @@ def preprocess_step(workspace: PathLike, configurations: list[str]) -> Step:
                 message=f"preprocess {', '.join(configurations)} where nnU-Net planned them")
 
 
-def prepare_steps(workspace: PathLike, configurations: list[str]) -> list[Step]:
-    """The plan step, then a preprocess step when a job needs more than the planned default."""
+def prepare_steps(workspace: PathLike, configurations: list[str], plan: bool = True) -> list[Step]:
+    """The plan step (not with ``plan=False``: a workspace planned by other means), then a
+    preprocess step when a job needs more than the planned default."""
     extra = [name for name in configurations if name != "3d_fullres"]
-    return [plan_step(workspace)] + ([preprocess_step(workspace, extra)] if extra else [])
+    return ([plan_step(workspace)] if plan else []) + ([preprocess_step(workspace, extra)] if extra else [])
 
 
 def search_steps(params: SearchParams, job_dir: PathLike, workspace: PathLike, root: PathLike, *,
