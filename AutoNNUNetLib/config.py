@@ -38,6 +38,21 @@ class ConfigurationNotPlanned(UserInputError):
     """The requested nnU-Net configuration (2d, 3d_fullres, 3d_lowres) is not in the dataset's plans."""
 
 
+def configuration_names(value: Any, allowed: Sequence[str], name: str = "configurations") -> list[str]:
+    """``value`` as a list of configuration names among ``allowed``, in order, duplicates dropped.
+
+    A search's searched configurations and a selection's extra candidates are both given this way
+    (the request record and the search settings); an empty list passes, the caller decides.
+    Raises :class:`ConfigError` naming the field and the first bad entry.
+    """
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(c, str) for c in value):
+        raise ConfigError(f"{name}: expected a list of nnU-Net configuration names, got {value!r}")
+    unknown = [c for c in value if c not in allowed]
+    if unknown:
+        raise ConfigError(f"{name}: unknown nnU-Net configuration {unknown[0]!r}; expected some of {', '.join(allowed)}")
+    return list(dict.fromkeys(value))
+
+
 def planned_configurations(plans: dict) -> list[str]:
     """The configurations of ``plans`` a trial can train (those of :data:`CONFIGURATIONS`)."""
     return [name for name in plans.get("configurations", {}) if name in CONFIGURATIONS]

@@ -183,8 +183,8 @@ class Predictor:
         """
         from .dataset import Volume
 
-        image, properties = self._prepare(channels)
-        segmentation = self._segment(image, properties, progress, cancel, save_probabilities)
+        image, properties = self.prepare_array(channels)
+        segmentation = self.segment_array(image, properties, progress, cancel, save_probabilities)
         if self.original_values is not None:
             from .dataset.classes import restore_original_labels
 
@@ -220,18 +220,8 @@ class Predictor:
     def predict_cases(self, cases: dict[str, list], output_dir: PathLike,
                       progress: Optional[ProgressCallback] = None) -> list[Path]:
         """Segment checked cases (:func:`check_folder_cases`) into ``output_dir/<case><ending>``."""
-        ending = str(self.dataset_json.get("file_ending", ".nii.gz"))
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        written = []
-        for index, (case_id, specs) in enumerate(cases.items()):
-            start = time.perf_counter()
-            written.append(self.predict(read_case(specs)).write(output_dir / f"{case_id}{ending}"))
-            if progress is not None:
-                progress(ProgressEvent("progress", {"fraction": (index + 1) / len(cases),
-                                                    "message": f"segmented {case_id}",
-                                                    "seconds": time.perf_counter() - start}))
-        return written
+        return segment_cases(self.predict, cases, output_dir, str(self.dataset_json.get("file_ending", ".nii.gz")),
+                             progress)
 
     def warmup(self) -> None:
         """Run one patch through the network so the first real call does not pay lazy set-up."""
@@ -244,8 +234,9 @@ class Predictor:
 
     # ----------------------------------------------------------------------------------------------
 
-    def _prepare(self, channels: Sequence["Volume"]) -> tuple[np.ndarray, dict]:
-        """Stack the channels the way ``SimpleITKIO.read_images`` does; check they fit together."""
+    def prepare_array(self, channels: Sequence["Volume"]) -> tuple[np.ndarray, dict]:
+        """The channels as :meth:`segment_array` takes them, stacked the way ``SimpleITKIO.read_images``
+        does; checks that they fit the model and each other."""
         if len(channels) != len(self.channel_names):
             raise PredictionError(
                 f"the model expects {len(self.channel_names)} channel(s) ({', '.join(self.channel_names)}), "
@@ -279,10 +270,15 @@ class Predictor:
             spacing = [max(spacing) * 999, *spacing]
         return image, {"spacing": spacing}
 
-    def _segment(self, image: np.ndarray, properties: dict, progress: Optional[ProgressCallback] = None,
-                 cancel: Optional[Callable[[], bool]] = None,
-                 save_probabilities: Optional[PathLike] = None) -> np.ndarray:
-        """nnU-Net's ``predict_single_npy_array`` labels, in bounded memory (weights loaded once)."""
+    def segment_array(self, image: np.ndarray, properties: dict, progress: Optional[ProgressCallback] = None,
+                      cancel: Optional[Callable[[], bool]] = None,
+                      save_probabilities: Optional[PathLike] = None) -> np.ndarray:
+        """nnU-Net's ``predict_single_npy_array`` labels, in bounded memory (weights loaded once).
+
+        ``image`` and ``properties`` as nnU-Net's reader gives them (or :meth:`prepare_array`):
+        ``(channels, *spatial)`` and ``{"spacing": [...]}`` in that array order. Training label
+        values; for callers that hold arrays (the selection's members, the cross-validation).
+        """
         from .bounded import predict_bounded
 
         segmentation = predict_bounded(self._predictor, image, properties, max_memory_gb=self.max_memory_gb,
@@ -311,6 +307,23 @@ def check_folder_cases(input_dir: PathLike, file_ending: str, n_channels: int) -
     """Every case of a folder, each checked by :func:`case_channels` (nothing written before)."""
     return {case_id: case_channels(files, n_channels)
             for case_id, files in find_cases(input_dir, file_ending, n_channels).items()}
+
+
+def segment_cases(predict: Callable[[list["Volume"]], "Volume"], cases: dict[str, list], output_dir: PathLike,
+                  file_ending: str, progress: Optional[ProgressCallback] = None) -> list[Path]:
+    """``predict`` (one model's or a selection's) on checked cases, one label map per case written as
+    ``output_dir/<case><ending>``, a progress event after each. Returns the written paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, (case_id, specs) in enumerate(cases.items()):
+        start = time.perf_counter()
+        written.append(predict(read_case(specs)).write(output_dir / f"{case_id}{file_ending}"))
+        if progress is not None:
+            progress(ProgressEvent("progress", {"fraction": (index + 1) / len(cases),
+                                                "message": f"segmented {case_id}",
+                                                "seconds": time.perf_counter() - start}))
+    return written
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -402,17 +415,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict_selection(args: argparse.Namespace, folds: Optional[list]) -> int:
     """``predict --model <selection root>``: the selection's members (or ``--members``), folds and
-    postprocessing, in memory (:class:`~AutoNNUNetLib.selection.predictor.Selection`). Test-time
-    mirroring is on with ``--mirroring`` only, as for one model."""
+    postprocessing, each member on the bounded path
+    (:class:`~AutoNNUNetLib.selection.predictor.Selection`). Test-time mirroring is on with
+    ``--mirroring`` only, as for one model."""
+    from .bounded.budget import check_budget_value
     from .devices import resolve_device
     from .selection.choose import SelectionResult
     from .selection.predictor import Selection
 
     unsupported = [flag for flag, given in (("--largest-component", args.largest_component),
-                                            ("--max-memory", args.max_memory is not None),
-                                            ("--engine", args.engine != "auto"),
                                             ("--save-probabilities", args.save_probabilities is not None),
-                                            ("--original-labels", args.original_labels),
                                             ("--checkpoint", args.checkpoint != CHECKPOINT_NAME)) if given]
     if unsupported:
         raise PredictionError(f"{args.model}: a selection predicts with its own folds' checkpoints and the "
@@ -434,18 +446,20 @@ def _predict_selection(args: argparse.Namespace, folds: Optional[list]) -> int:
     else:
         check_output_file(args.output)
         specs = case_channels(args.inputs, len(info.channel_names))
+    check_budget_value(args.max_memory)
     resolve_device(args.device)
     writer = EventWriter(args.events) if args.events else None
     if writer is not None:
         writer.emit("stage", name="predict", message=f"loading the selection {args.model}")
     selection = Selection(args.model, device=args.device, folds=folds, members=args.members,
-                          use_mirroring=bool(args.mirroring))
+                          use_mirroring=bool(args.mirroring), max_memory_gb=args.max_memory, engine=args.engine,
+                          original_labels=args.original_labels)
     if writer is not None:
         writer.emit("stage", name="predict", message="segmenting with " + " + ".join(m["name"] for m in selection.members))
     if folder_mode:
-        print(json.dumps([str(p) for p in selection.predict_folder(args.inputs[0], args.output)]))
+        print(json.dumps([str(p) for p in selection.predict_folder(args.inputs[0], args.output, progress=writer)]))
     else:
-        print(selection.predict(read_case(specs)).write(args.output))
+        print(selection.predict(read_case(specs), progress=writer).write(args.output))
     if writer is not None:
         writer.emit("finished", state="succeeded", message="segmentation written")
     return 0

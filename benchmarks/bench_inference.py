@@ -92,7 +92,7 @@ def measure_ours_and_floor(
     for path in images:
         volume = Volume.read(path)
         # The floor's tiles: exactly the ones nnU-Net's sliding window visits for this volume.
-        image, properties = predictor._prepare([volume])
+        image, properties = predictor.prepare_array([volume])
         adapter = PreprocessAdapterFromNpy(
             [image], [None], [properties], [None], nn_predictor.plans_manager, nn_predictor.dataset_json,
             nn_predictor.configuration_manager, num_threads_in_multithreaded=1, verbose=False)

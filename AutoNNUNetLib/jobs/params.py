@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from ..config import ConfigError, configuration_names
 from ..devices import check_device_name
 from ..errors import AutoNNUNetError, UserInputError
 from ..folds import parse_folds
@@ -324,13 +325,10 @@ class SelectParams(_Record):
         _integer("iterations_per_epoch", self.iterations_per_epoch, 1, MAX_ITERATIONS)
         _integer("top", self.top, 0, MAX_TOP, optional=False)
         _integer("seed", self.seed, 0, SEED_LIMIT - 1)
-        if not isinstance(self.configurations, list) or not all(isinstance(c, str) for c in self.configurations):
-            raise RequestError(f"configurations: expected a list of names, got {self.configurations!r}")
-        unknown = [c for c in self.configurations if c not in OTHER_CONFIGURATIONS]
-        if unknown:
-            raise RequestError(f"configurations: {', '.join(map(repr, unknown))} is not one of "
-                               f"{', '.join(OTHER_CONFIGURATIONS)} (3d_fullres is always a candidate)")
-        self.configurations = list(dict.fromkeys(self.configurations))
+        try:
+            self.configurations = configuration_names(self.configurations, OTHER_CONFIGURATIONS)
+        except ConfigError as error:
+            raise RequestError(f"{error} (3d_fullres is always a candidate)") from None
         if self.folds != "all":
             self.folds = _folds(self.folds)
         self.device = _device(self.device)

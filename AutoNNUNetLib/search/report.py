@@ -73,16 +73,8 @@ def plot_incumbent(results: Any, path: Path) -> Path:
         ax.step(xs, ys_any, where="post", color="tab:red", label="best (any fidelity)")
         ax.step(xs, ys_top, where="post", color="black", linestyle="--", label=f"best at {top} epochs")
         ax.legend(loc="lower right", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no finished trials yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("search time (min)")
-    ax.set_ylabel("validation Dice (mean over classes)")
-    ax.set_title("Incumbent over time")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "search time (min)", "validation Dice (mean over classes)", "Incumbent over time",
+                 empty=not done)
 
 
 def plot_pareto(results: Any, path: Path) -> Path:
@@ -108,11 +100,19 @@ def plot_pareto(results: Any, path: Path) -> Path:
                 color="tab:red", alpha=0.6)
         for t in on_front:
             ax.annotate(t.trial_id, (t.train_seconds / 60.0, t.mean_dice), fontsize=6, alpha=0.8)
-    else:
+    return _save(fig, ax, path, "training time (min, cumulative over rungs)", "validation Dice",
+                 "Pareto front (red; marker size = inference time)", empty=not done)
+
+
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, empty: bool) -> Path:
+    """Label one plot's axes (a note when there is nothing to show), write it and free the figure."""
+    import matplotlib.pyplot as plt
+
+    if empty:
         ax.text(0.5, 0.5, "no finished trials yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("training time (min, cumulative over rungs)")
-    ax.set_ylabel("validation Dice")
-    ax.set_title("Pareto front (red; marker size = inference time)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from ..config import CONFIGURATIONS
+from ..config import CONFIGURATIONS, ConfigError, configuration_names
 from ..devices import check_device_name
 from ..errors import AutoNNUNetError
 from ..folds import parse_folds
@@ -185,16 +185,12 @@ class SearchSettings:
                               f"expected one of {', '.join(CONFIGURATIONS)}")
         if self.configurations is None:
             self.configurations = [self.configuration]
-        if isinstance(self.configurations, str) or not isinstance(self.configurations, (list, tuple)):
-            raise SearchError(f"configurations: expected a list of nnU-Net configuration names, got "
-                              f"{self.configurations!r}")
+        try:
+            self.configurations = configuration_names(self.configurations, CONFIGURATIONS)
+        except ConfigError as error:
+            raise SearchError(str(error)) from None
         if not self.configurations:
             raise SearchError(f"configurations: give at least one of {', '.join(CONFIGURATIONS)}")
-        unknown = [c for c in self.configurations if c not in CONFIGURATIONS]
-        if unknown:
-            raise SearchError(f"configurations: unknown nnU-Net configuration {unknown[0]!r}; "
-                              f"expected some of {', '.join(CONFIGURATIONS)}")
-        self.configurations = list(dict.fromkeys(self.configurations))
         if self.configuration not in self.configurations:
             raise SearchError(f"configurations: the prior's configuration {self.configuration!r} (configuration) is "
                               f"not among the searched ones ({', '.join(self.configurations)}); add it or set "

@@ -18,7 +18,7 @@ Modules (one concept each):
 - :mod:`.postprocessing` - largest-component decisions and ``postprocessing.pkl``.
 - :mod:`.choose` - the selection itself (best single model or pairwise ensemble, then postprocessing).
 - :mod:`.instructions` - ``inference_information.json`` / ``inference_instructions.txt``.
-- :mod:`.predictor` - :class:`Selection`: predict with the selection in memory.
+- :mod:`.predictor` - :class:`Selection`: predict with the selection (every member on the bounded path).
 - :mod:`.report` - the candidates table (text / markdown / HTML).
 - :mod:`.archive` - a whole selection as one zip (``export-model`` / ``import-model``).
 - :mod:`.cli` - ``autonnunet finalize`` and ``autonnunet select``.

@@ -4,9 +4,10 @@ nnU-Net keeps these as ``fold_K/validation/<case>.npz`` (``--npz``: class probab
 original image grid), ``<case>.pkl`` (the image properties) and ``<case>.nii.gz`` (the label map);
 ``nnUNetv2_find_best_configuration`` ensembles and evaluates them. The trainer of this project
 validates in preprocessed space and keeps no probabilities, so this module predicts the validation
-cases again from the raw images, through nnU-Net's predictor with the fold's checkpoint, and
-writes the same three files. Predicting from the raw images is also what inference does, so the
-cross-validation scores the exact path a user's volumes take.
+cases again from the raw images with the fold's checkpoint, through the project's
+:class:`~AutoNNUNetLib.inference.Predictor` (the bounded path, whose labels are nnU-Net's), and
+writes the same three files. That is the path a user's volumes take, so the cross-validation
+scores exactly what inference does.
 
 A fold is done when ``fold_K/validation/autonnunet_cv.json`` exists and names the current
 checkpoint (its size and modification time) and TTA setting; a retrained fold is predicted again.
@@ -66,38 +67,6 @@ def fold_predictions_current(model_dir: Path, fold: int, use_mirroring: bool) ->
     return data
 
 
-def predict_probabilities(nnunet_predictor: Any, image: np.ndarray, properties: dict,
-                          probabilities: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Label map and class probabilities of one image on its own grid (nnU-Net's in-memory path).
-
-    ``image`` is ``(channels, z, y, x)`` as nnU-Net's SimpleITK reader returns it; ``properties``
-    needs ``spacing`` in that array order. The folds loaded into the predictor are averaged (on
-    logits, as ``nnUNetv2_predict`` does), then softmax, resampling and un-cropping follow. These
-    are the steps of nnU-Net's ``predict_single_npy_array``, except that the export keeps the
-    process's thread count (nnU-Net's default of 8 threads oversubscribes small machines).
-    With ``probabilities=False`` the label map comes from the logits, as without
-    ``--save_probabilities``.
-    """
-    import copy
-
-    import torch
-    from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
-    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-
-    p = nnunet_predictor
-    adapter = PreprocessAdapterFromNpy([image], [None], [copy.deepcopy(properties)], [None], p.plans_manager,
-                                       p.dataset_json, p.configuration_manager, num_threads_in_multithreaded=1,
-                                       verbose=False)
-    item = next(adapter)
-    logits = p.predict_logits_from_preprocessed_data(item["data"]).cpu()
-    result = convert_predicted_logits_to_segmentation_with_correct_shape(
-        logits, p.plans_manager, p.configuration_manager, p.label_manager, item["data_properties"],
-        return_probabilities=probabilities, num_threads_torch=torch.get_num_threads())
-    if probabilities:
-        return np.asarray(result[0]), np.asarray(result[1], dtype=np.float32)
-    return np.asarray(result), None
-
-
 def predict_fold_validation(workspace: Workspace, model_dir: Path, fold: int, *, device: Any = "cpu",
                             use_mirroring: bool = False, overwrite: bool = False) -> FoldPredictions:
     """Write ``fold_K/validation/<case>.npz|.pkl|<ending>`` for every validation case of ``fold``."""
@@ -110,8 +79,7 @@ def predict_fold_validation(workspace: Workspace, model_dir: Path, fold: int, *,
     from ..inference import Predictor
 
     predictor = Predictor(model_dir, folds=[fold], device=device, use_mirroring=use_mirroring)
-    nnunet = predictor.nnunet_predictor
-    reader = nnunet.plans_manager.image_reader_writer_class()
+    reader = predictor.nnunet_predictor.plans_manager.image_reader_writer_class()
     dataset_json = predictor.dataset_json
     ending = str(dataset_json.get("file_ending", ".nii.gz"))
     channels = len(dataset_json["channel_names"])
@@ -128,9 +96,15 @@ def predict_fold_validation(workspace: Workspace, model_dir: Path, fold: int, *,
             raise SelectionError(f"validation case {case}: {missing[0]} is missing")
         start = time.perf_counter()
         image, properties = reader.read_images(files)
-        segmentation, probabilities = predict_probabilities(nnunet, image, properties)
-        seconds.append(time.perf_counter() - start)
-        np.savez_compressed(out / f"{case}.npz", probabilities=probabilities)
+        # The path inference takes (bounded memory); the probabilities stream from a memory map
+        # into the compressed .npz, so a CT-sized case never holds classes x voxels in memory.
+        scratch = out / f".{case}.probabilities.npy"
+        try:
+            segmentation = predictor.segment_array(image, properties, save_probabilities=scratch)
+            seconds.append(time.perf_counter() - start)
+            np.savez_compressed(out / f"{case}.npz", probabilities=np.load(scratch, mmap_mode="r"))
+        finally:
+            scratch.unlink(missing_ok=True)
         with open(out / f"{case}.pkl", "wb") as handle:
             pickle.dump(properties, handle)
         reader.write_seg(segmentation, str(out / f"{case}{ending}"), properties)

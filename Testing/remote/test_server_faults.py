@@ -17,8 +17,6 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
 import pytest
 import requests
 
@@ -26,34 +24,16 @@ from AutoNNUNetLib.remote.client import RemoteClient, RemoteError, make_archive
 from AutoNNUNetLib.remote.cli import describe
 from AutoNNUNetLib.remote.server.store import Store
 
-from test_server import ServerProcess, make_subset, sha256, upload_bytes
-from test_server_security import job_processes, kill_leftovers, wait_for
+from test_server import ServerProcess, auth, make_subset, sha256, upload_bytes
+from test_server_security import job_processes, serve_six_cases, wait_for
 
 PY = sys.executable
 MB = 1 << 20
 
 
-def auth(token: str) -> dict:
-    return {"Authorization": f"Bearer {token}"}
-
-
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, hippocampus_dir):
-    root = tmp_path_factory.mktemp("faults")
-    server = ServerProcess(root / "data")
-    server.data_dir.mkdir(parents=True)
-    server.alice = server.token("alice")
-    server.start()
-    folder = make_subset(hippocampus_dir, root / "Task04_Hippocampus", 6)
-    record = upload_bytes(server.api, server.alice, make_archive(folder, root / "six.tar").read_bytes())
-    assert record["state"] == "ready", record
-    server.dataset = record
-    server.root = root
-    server.jobs: list[str] = []
-    yield server
-    kill_leftovers(server.jobs)
-    server.kill_jobs()
-    server.stop()
+    yield from serve_six_cases(tmp_path_factory.mktemp("faults"), hippocampus_dir)
 
 
 @pytest.fixture()

@@ -22,13 +22,9 @@ import requests
 from AutoNNUNetLib.remote.client import make_archive
 from AutoNNUNetLib.remote.server.store import Store
 
-from test_server import ServerProcess, make_subset, upload_bytes
+from test_server import ServerProcess, auth, make_subset, upload_bytes
 
 MB = 1 << 20
-
-
-def auth(token: str) -> dict:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def job_processes(job_id: str) -> list[int]:
@@ -67,10 +63,10 @@ def kill_leftovers(job_ids: list[str]) -> None:
                 pass
 
 
-@pytest.fixture(scope="module")
-def sec(tmp_path_factory, hippocampus_dir):
-    root = tmp_path_factory.mktemp("security")
-    server = ServerProcess(root / "data", "--max-queued-jobs", "3", "--max-open-uploads", "3")
+def serve_six_cases(root: Path, hippocampus_dir: Path, *server_args: str):
+    """A module's server: alice's and bob's tokens, a six-case dataset of alice's uploaded and
+    ready, ``server.jobs`` to list submitted job ids; every job process is killed at the end."""
+    server = ServerProcess(root / "data", *server_args)
     server.data_dir.mkdir(parents=True)
     server.alice = server.token("alice")
     server.bob = server.token("bob")
@@ -85,6 +81,12 @@ def sec(tmp_path_factory, hippocampus_dir):
     kill_leftovers(server.jobs)
     server.kill_jobs()
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def sec(tmp_path_factory, hippocampus_dir):
+    yield from serve_six_cases(tmp_path_factory.mktemp("security"), hippocampus_dir,
+                               "--max-queued-jobs", "3", "--max-open-uploads", "3")
 
 
 def submit_train(sec, epochs: int = 200) -> dict:

@@ -133,21 +133,39 @@ def test_stock_tools_reproduce_the_selection(finalized, hippo_workspace, hippoca
         completed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
         assert completed.returncode == 0, completed.stderr[-2000:]
 
-    selection = Selection(root, device="cpu")
+    # Ours on the bounded path: each member's probabilities go to a scratch .npy, averaged in
+    # slabs; the scratch folder is empty again after each case.
+    scratch = tmp_path / "scratch"
+    selection = Selection(root, device="cpu", max_memory_gb=0.25, scratch_dir=scratch)
     assert selection.is_ensemble and len(selection.postprocessing.kept) == 3
     compared = 0
     for path in held_out:
         case = path.name.replace("hippocampus_", "heldout_").replace(".nii.gz", "")
-        ours = selection.predict([Volume.read(inputs / f"{case}_0000.nii.gz")])
+        events = []
+        ours = selection.predict([Volume.read(inputs / f"{case}_0000.nii.gz")], progress=events.append)
         stock = Volume.read(Path(f"{output}_PP") / f"{case}.nii.gz")
         assert ours.array.shape == stock.array.shape
         assert np.array_equal(ours.array, stock.array)
         assert ours.geometry.close_to(stock.geometry)
+        assert list(scratch.iterdir()) == []
+        fractions = [e.data["fraction"] for e in events if e.kind == "progress"]
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0 and min(fractions) <= 0.5
+        assert {e.data["message"].split(" (")[0] for e in events if e.kind == "progress"} == {"incumbent", "pareto1"}
         unprocessed = Volume.read(output / f"{case}.nii.gz")
         assert np.array_equal(selection.predict_labels([Volume.read(inputs / f"{case}_0000.nii.gz")]),
                               unprocessed.array)
         compared += 1
     assert compared == 2
+
+    # The command line takes the same budget for a selection (it used to refuse it), and the engine flag.
+    from AutoNNUNetLib import cli
+
+    assert cli.main(["predict", "--model", str(root), "-i", str(inputs), "-o", str(tmp_path / "cli"),
+                     "--device", "cpu", "--max-memory", "0.25", "--engine", "torch"]) == 0
+    for path in held_out:
+        name = path.name.replace("hippocampus_", "heldout_")
+        assert np.array_equal(Volume.read(tmp_path / "cli" / name).array,
+                              Volume.read(Path(f"{output}_PP") / name).array)
 
 
 def test_finalize_rerun_trains_only_missing_folds(finalized, hippo_workspace, tmp_path):
