@@ -451,9 +451,12 @@ def _predict_selection(args: argparse.Namespace, folds: Optional[list]) -> int:
     writer = EventWriter(args.events) if args.events else None
     if writer is not None:
         writer.emit("stage", name="predict", message=f"loading the selection {args.model}")
+    # An ensemble's probability files go beside the output, on the disk the user chose for results,
+    # not in a temporary folder that may be small or held in memory (tmpfs).
     selection = Selection(args.model, device=args.device, folds=folds, members=args.members,
                           use_mirroring=bool(args.mirroring), max_memory_gb=args.max_memory, engine=args.engine,
-                          original_labels=args.original_labels)
+                          original_labels=args.original_labels,
+                          scratch_dir=args.output if folder_mode else args.output.parent)
     if writer is not None:
         writer.emit("stage", name="predict", message="segmenting with " + " + ".join(m["name"] for m in selection.members))
     if folder_mode:

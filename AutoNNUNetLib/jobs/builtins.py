@@ -23,9 +23,13 @@ if TYPE_CHECKING:
 
 
 def find_model_dir(root: Union[str, Path]) -> Path:
-    """The nnU-Net model folder (the one holding ``plans.json``) at or below ``root``."""
+    """The nnU-Net model folder (the one holding ``plans.json``) at or below ``root``, or ``root``
+    itself when it is a selection root (its members' folders are below it, but predicting with one
+    of them would drop the ensemble and the postprocessing)."""
+    from ..selection.archive import is_selection_root
+
     root = Path(root)
-    if (root / "plans.json").is_file():
+    if (root / "plans.json").is_file() or is_selection_root(root):
         return root
     candidates = sorted(p.parent for p in root.rglob("plans.json"))
     if not candidates:

@@ -237,7 +237,7 @@ class PredictParams(_Record):
     __pydantic_config__ = PYDANTIC_CONFIG
 
     images_upload_id: str = ""
-    model_job_id: Optional[str] = None     # a finished search/train job of the same user
+    model_job_id: Optional[str] = None     # a finished search/train/select job of the same user
     model_upload_id: Optional[str] = None  # or an uploaded model zip
     mirroring: bool = False
     largest_component: bool = False

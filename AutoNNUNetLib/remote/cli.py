@@ -108,7 +108,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--images", type=Path, help="folder of <case>_0000.nii.gz images to upload")
     src.add_argument("--images-upload")
     model = pr.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model-job", help="id of a succeeded search or train job")
+    model.add_argument("--model-job", help="id of a succeeded search, train or select job")
     model.add_argument("--model", type=Path, help="model zip to upload (from `autonnunet export-model`)")
     model.add_argument("--model-upload")
     pr.add_argument("--mirroring", action="store_true")

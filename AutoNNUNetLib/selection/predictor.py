@@ -117,7 +117,7 @@ class Selection:
 
     def _ensemble(self, image: np.ndarray, properties: dict, names: list[str],
                   progress: Optional[ProgressCallback], cancel: Optional[Callable[[], bool]]) -> np.ndarray:
-        heads = len(self.predictors[0].nnunet_predictor.label_manager.all_labels)
+        heads = self.predictors[0].nnunet_predictor.label_manager.num_segmentation_heads
         needed = heads * int(np.prod(image.shape[1:], dtype=np.int64)) * 4 * len(self.predictors)
         parent = self.scratch_dir or Path(tempfile.gettempdir())
         parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,7 @@ class Selection:
             raise SelectionError(
                 f"the ensemble of {len(names)} members needs {needed / 1024 ** 3:.1f} GB of scratch space for its "
                 f"probabilities, {parent} has {free / 1024 ** 3:.1f} GB free (choose another scratch folder)")
-        scratch = Path(tempfile.mkdtemp(prefix="autonnunet-ensemble-", dir=parent))
+        scratch = Path(tempfile.mkdtemp(prefix=".autonnunet-ensemble-", dir=parent))
         try:
             paths = []
             for index, (name, predictor) in enumerate(zip(names, self.predictors)):

@@ -310,6 +310,17 @@ def test_select_job_on_the_server(remote, search_job, hippocampus_dir, tmp_path)
     image = sorted((hippocampus_dir / "imagesTr").glob("hippocampus_*.nii.gz"))[-1]
     labels = Selection(described.path, device="cpu").predict([Volume.read(image)])
     assert labels.array.shape == Volume.read(image).array.shape and set(np.unique(labels.array)) <= {0, 1, 2}
+    # The runner's predict job takes the select job as its model: the whole selection (not one of
+    # its member folders), the same label map as the download gives here.
+    images = client.upload_dataset(images_folder(hippocampus_dir, tmp_path / "images", 1), kind="images")
+    predict = client.submit_predict(images["id"], model_job_id=job.job_id)
+    done = client.wait(predict["id"], poll=1.0, timeout=300)
+    assert done["state"] == "succeeded", client.logs(predict["id"], 0, 1 << 20)["text"][-3000:]
+    stages = [e.data.get("message", "") for e in client.events(predict["id"])[0] if e.kind == "stage"]
+    assert "segmenting with incumbent" in stages and any(m.startswith("loading the selection") for m in stages)
+    with zipfile.ZipFile(client.download(predict["id"], "predictions.zip", tmp_path)) as archive:
+        archive.extract(image.name, tmp_path / "served")
+    assert np.array_equal(Volume.read(tmp_path / "served" / image.name).array, labels.array)
     refused = _cli(remote, "submit", "select", "--search-job", search_id, "--epochs", "0")
     assert refused.returncode == 2 and "epochs" in refused.stderr and "422" in refused.stderr, refused.stderr
 

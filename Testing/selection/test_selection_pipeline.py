@@ -162,8 +162,9 @@ def test_stock_tools_reproduce_the_selection(finalized, hippo_workspace, hippoca
 
     assert cli.main(["predict", "--model", str(root), "-i", str(inputs), "-o", str(tmp_path / "cli"),
                      "--device", "cpu", "--max-memory", "0.25", "--engine", "torch"]) == 0
-    for path in held_out:
-        name = path.name.replace("hippocampus_", "heldout_")
+    names = sorted(path.name.replace("hippocampus_", "heldout_") for path in held_out)
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == names  # its scratch folder is gone
+    for name in names:
         assert np.array_equal(Volume.read(tmp_path / "cli" / name).array,
                               Volume.read(Path(f"{output}_PP") / name).array)
 

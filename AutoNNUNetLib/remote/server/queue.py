@@ -47,6 +47,10 @@ ARTIFACT_DESCRIPTIONS = {
     "selection.json": "the selection: members, cross-validation Dice of every candidate, postprocessing",
 }
 
+#: The artifact a predict job's ``model_job_id`` takes its model from, by the source job's kind
+#: (``autonnunet predict`` recognises a selection zip and predicts with the whole selection).
+MODEL_ARTIFACTS = {"search": "model.zip", "train": "model.zip", "select": "selection.zip"}
+
 
 class JobQueue:
     """FIFO queue with one slot per GPU; a background thread starts, watches and finishes jobs."""
@@ -122,11 +126,11 @@ class JobQueue:
                 self._ready_upload(user, params.model_upload_id, "model")
             else:
                 source = self.own(user, params.model_job_id or "")
-                if source.kind not in ("search", "train") or source.state != JobState.SUCCEEDED:
+                if source.kind not in MODEL_ARTIFACTS or source.state != JobState.SUCCEEDED:
                     raise ApiError(409, f"job {source.id} is a {source.state} {source.kind} job; predicting needs a "
-                                        "succeeded search or train job")
-                if not (self.paths.job(source.id) / ARTIFACTS_DIR / "model.zip").is_file():
-                    raise ApiError(409, f"job {source.id} has no model artifact")
+                                        "succeeded search, train or select job")
+                if not (self.paths.job(source.id) / ARTIFACTS_DIR / MODEL_ARTIFACTS[source.kind]).is_file():
+                    raise ApiError(409, f"job {source.id} has no {MODEL_ARTIFACTS[source.kind]} artifact")
         if slots > len(self.settings.devices):
             raise ApiError(422, f"the job asks for {slots} workers but this server has {len(self.settings.devices)} "
                                 f"slot(s) ({'GPUs ' + ','.join(self.settings.gpus) if self.settings.gpus else 'CPU'})")
@@ -389,7 +393,10 @@ class JobQueue:
             if params.model_upload_id is not None:
                 model_zip = self.paths.upload_archive(params.model_upload_id)
             else:
-                model_zip = self.paths.job(params.model_job_id or "") / ARTIFACTS_DIR / "model.zip"
+                source = self.store.get_job(params.model_job_id or "")
+                if source is None:
+                    raise ApiError(409, f"job {params.model_job_id} is gone")
+                model_zip = self.paths.job(source.id) / ARTIFACTS_DIR / MODEL_ARTIFACTS[source.kind]
             images_upload = self.store.get_upload(params.images_upload_id)
             if images_upload is None or not images_upload.summary:
                 raise ApiError(409, f"upload {params.images_upload_id} is gone")
