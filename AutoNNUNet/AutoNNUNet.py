@@ -113,6 +113,7 @@ class AutoNNUNetParameterNode:
     predictFolds: str = ""  # "" = every fold the model has
     predictDevice: Annotated[str, Choice(list(DEVICES))] = "auto"
     selectEpochs: Annotated[int, WithinRange(1, 10000)] = 1000  # the final training length of a selection
+    selectTop: Annotated[int, WithinRange(0, 20)] = 1  # Pareto points besides the incumbent (jobs.params.MAX_TOP)
     remoteSearchJobId: str = ""  # the runner's last finished search, which a remote selection starts from
     outputSegmentation: slicer.vtkMRMLSegmentationNode
 

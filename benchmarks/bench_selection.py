@@ -167,6 +167,9 @@ Postprocessing decided on the cross-validation: {', '.join(('all foreground' if 
   selected {plan.dice_after:.4f} vs best single {best_single:.4f} ({100 * gain:+.2f} Dice points), at
   {cost:.2f}x the inference time of the incumbent's 5-fold model. The fold-0 figure is a different case set (12
   cases), shown because it is what a one-fold search reports.
+- The gains are measured on the cross-validation the choice was made on (nnU-Net's protocol too), so they include
+  the optimism of picking the best of {len(result.scores)} models and of {len(plan.steps)} postprocessing steps on the same 60 cases;
+  an unbiased figure needs held-out labeled cases (the shared data has none).
 - Total benchmark time {(time.perf_counter() - started) / 60:.1f} min.
 
 The report table of `autonnunet select` for this run:

@@ -26,7 +26,7 @@ SEARCH_FIELDS = ("searchSpace", "profile", "totalEpochs", "wallTimeHours", "maxT
 
 
 #: The parameter node's fields a model selection reads.
-SELECT_FIELDS = ("selectEpochs", "iterationsPerEpoch", "device")
+SELECT_FIELDS = ("selectEpochs", "selectTop", "iterationsPerEpoch", "device")
 
 
 def node_values(node: Any, names=SEARCH_FIELDS) -> dict[str, Any]:
@@ -74,11 +74,11 @@ def search_request(settings) -> dict[str, Any]:
 
 
 def select_params(values: Mapping[str, Any]):
-    """The selection request for the panel's values: the final training length, the search's
-    iterations per epoch (0: nnU-Net's) and device; candidates and folds as nnU-Net does (the
-    incumbent and the next Pareto point, 2d / 3d_lowres where planned, 5 folds)."""
+    """The selection request for the panel's values: the final training length, how many Pareto
+    points besides the incumbent, the search's iterations per epoch (0: nnU-Net's) and device; the
+    other configurations and folds as nnU-Net does (2d / 3d_lowres where planned, 5 folds)."""
     from AutoNNUNetLib.jobs.params import SelectParams
 
     iterations = int(values["iterationsPerEpoch"])
-    return SelectParams(epochs=int(values["selectEpochs"]), iterations_per_epoch=iterations or None,
-                        device=str(values["device"]))
+    return SelectParams(epochs=int(values["selectEpochs"]), top=int(values["selectTop"]),
+                        iterations_per_epoch=iterations or None, device=str(values["device"]))

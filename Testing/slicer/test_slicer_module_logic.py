@@ -581,10 +581,13 @@ def test_the_panels_selection_runs_on_the_working_folders_search(tmp_path):
     stop with the library's own messages, since this folder holds no dataset and no trials."""
     from AutoNNUNetLib.jobs.params import SelectParams
 
-    values = {**PANEL, "selectEpochs": 50}
+    values = {**PANEL, "selectEpochs": 50, "selectTop": 1}
     params = parameters.select_params(values)
     assert (params.epochs, params.iterations_per_epoch, params.device, params.folds) == (50, None, "cpu", "all")
     assert params.configurations == ["2d", "3d_lowres"] and params.top == 1  # nnU-Net's candidates
+    assert parameters.select_params({**values, "selectTop": 3}).top == 3
+    with pytest.raises(ValueError, match="top"):
+        parameters.select_params({**values, "selectTop": 21})
     assert parameters.select_params({**values, "iterationsPerEpoch": 25}).iterations_per_epoch == 25
     with pytest.raises(ValueError, match="epochs"):
         parameters.select_params({**values, "selectEpochs": 0})
