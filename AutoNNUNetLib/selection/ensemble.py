@@ -46,10 +46,12 @@ def labels_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
 def ensemble_slab_rows(shape: Sequence[int], slab_bytes: int = DEFAULT_SLAB_BYTES) -> int:
     """Rows of the first spatial axis per slab for probabilities of ``shape`` = (classes, *spatial).
 
-    A row costs the float32 sum of every class plus numpy's int64 arg max of the row.
+    A row costs the float32 sum of every class, the copy numpy's arg max over the first axis makes
+    of it (it moves that axis last), the int64 arg max and its uint8 label map (measured with
+    ``benchmarks/bench_ensemble_memory.py``).
     """
     classes, rows, *plane = (int(v) for v in shape)
-    row_bytes = int(np.prod(plane, dtype=np.int64)) * (classes * 4 + 8)
+    row_bytes = int(np.prod(plane, dtype=np.int64)) * (classes * 4 * 2 + 8 + 1)
     return max(1, min(rows, int(slab_bytes) // max(row_bytes, 1)))
 
 

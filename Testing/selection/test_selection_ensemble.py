@@ -43,7 +43,7 @@ def test_slab_wise_labels_equal_whole_array_labels(tmp_path, slab_bytes):
 
 def test_slab_rows_follow_the_budget():
     shape = (3, 400, 512, 512)
-    row = 512 * 512 * (3 * 4 + 8)
+    row = 512 * 512 * (3 * 4 * 2 + 8 + 1)
     assert ensemble_slab_rows(shape, 10 * row) == 10
     assert ensemble_slab_rows(shape, 1) == 1            # never zero rows
     assert ensemble_slab_rows(shape, 10 ** 12) == 400   # never more rows than the volume has
