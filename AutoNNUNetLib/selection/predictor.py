@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from ..bounded.budget import DEFAULT_SLAB_BYTES, GIB
 from ..events import ProgressCallback, ProgressEvent
 from ..imaging import Volume
 from .choose import SelectionResult
@@ -36,7 +37,8 @@ from .layout import SelectionError
 
 def _member_progress(progress: Optional[ProgressCallback], index: int, count: int,
                      name: str) -> Optional[ProgressCallback]:
-    """A member's progress as a part of the whole ensemble's (member i of n covers [i/n, (i+1)/n])."""
+    """A member's progress as a part of the whole ensemble's (member i of n covers [i/n, (i+1)/n]),
+    its messages prefixed with the member's name."""
     if progress is None:
         return None
 
@@ -44,7 +46,7 @@ def _member_progress(progress: Optional[ProgressCallback], index: int, count: in
         data = dict(event.data)
         if "fraction" in data:
             data["fraction"] = (index + float(data["fraction"])) / count
-        if count > 1 and "message" in data:
+        if "message" in data:
             data["message"] = f"{name} ({index + 1}/{count}): {data['message']}"
         progress(ProgressEvent(event.kind, data, event.time))
 
@@ -88,7 +90,6 @@ class Selection:
         self.members = chosen
         self.use_mirroring = self.result.use_mirroring if use_mirroring is None else bool(use_mirroring)
         self.postprocessing = self.result.postprocessing if postprocess else None
-        self.max_memory_gb = max_memory_gb
         self.scratch_dir = None if scratch_dir is None else Path(scratch_dir)
         self.predictors = [Predictor(self.root / m["model_dir"], folds=self.folds, device=device,
                                      use_mirroring=self.use_mirroring, max_memory_gb=max_memory_gb, engine=engine,
@@ -110,7 +111,7 @@ class Selection:
         image, properties = self.predictors[0].prepare_array(channels)
         names = [m["name"] for m in self.members]
         if not self.is_ensemble:
-            labels = self.predictors[0].segment_array(image, properties, _member_progress(progress, 0, 1, names[0]), cancel)
+            labels = self.predictors[0].segment_array(image, properties, progress, cancel)
         else:
             labels = self._ensemble(image, properties, names, progress, cancel)
         return labels[0] if channels[0].array.ndim == 2 else labels
@@ -124,19 +125,18 @@ class Selection:
         free = shutil.disk_usage(parent).free
         if free < needed:
             raise SelectionError(
-                f"the ensemble of {len(names)} members needs {needed / 1024 ** 3:.1f} GB of scratch space for its "
-                f"probabilities, {parent} has {free / 1024 ** 3:.1f} GB free (choose another scratch folder)")
+                f"the ensemble of {len(names)} members needs {needed / GIB:.1f} GB of scratch space for its "
+                f"probabilities, {parent} has {free / GIB:.1f} GB free (choose another scratch folder)")
         scratch = Path(tempfile.mkdtemp(prefix=".autonnunet-ensemble-", dir=parent))
         try:
             paths = []
             for index, (name, predictor) in enumerate(zip(names, self.predictors)):
                 path = scratch / f"{index}.npy"
                 predictor.segment_array(image, properties, _member_progress(progress, index, len(names), name), cancel,
-                                   save_probabilities=path)
+                                        save_probabilities=path)
                 paths.append(path)
-            if self.max_memory_gb is None:
-                return ensemble_labels_from_files(paths)
-            return ensemble_labels_from_files(paths, int(self.max_memory_gb * 1024 ** 3))
+            budget = self.predictors[0].max_memory_gb  # the members' budget also sizes the averaging slabs
+            return ensemble_labels_from_files(paths, DEFAULT_SLAB_BYTES if budget is None else int(budget * GIB))
         finally:
             # On Windows a map not yet released keeps its file; leave it to the temp cleaner, not over the error.
             shutil.rmtree(scratch, ignore_errors=os.name == "nt")
